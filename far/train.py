@@ -1,0 +1,1 @@
+"""Lands with its stage's issue; listed in dvc.yaml so the stage graph is complete."""

@@ -1,0 +1,84 @@
+"""far/config.py: params.yaml maps onto typed config; bad params give one line naming the key."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from far.config import SECTIONS, ParamsError, load_params
+from tests.conftest import ROOT, run
+
+
+def test_default_params_load_with_every_section():
+    params = load_params(ROOT / "params.yaml")
+    assert SECTIONS == ("model", "concepts", "segment", "priors", "fusion", "train", "sample", "eval", "report")
+    assert [c.name for c in params.concepts.subjects] == ["dog", "dog3"]
+    assert params.model.pretrained == "tiny"
+
+
+def _error(params_file, edit) -> str:
+    with pytest.raises(ParamsError) as info:
+        load_params(params_file(edit))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_typo_in_section_name_is_named_with_a_suggestion(params_file):
+    message = _error(params_file, lambda d: d.__setitem__("trian", d.pop("train")))
+    assert "unknown key 'trian'" in message and "did you mean 'train'" in message
+
+
+def test_typo_in_nested_key_is_named(params_file):
+    message = _error(params_file, lambda d: d["train"]["refine"].__setitem__("wieght", 1.0))
+    assert "unknown key 'train.refine.wieght'" in message and "'train.refine.weight'" in message
+
+
+def test_negative_steps_names_key_and_value(params_file):
+    message = _error(params_file, lambda d: d["train"].__setitem__("steps", -1))
+    assert message.startswith(str(params_file()).rsplit("/", 1)[0]) or "params.yaml" in message
+    assert "train.steps: -1 is invalid" in message
+
+
+def test_wrong_type_names_key_and_value(params_file):
+    message = _error(params_file, lambda d: d["sample"].__setitem__("guidance_scale", "high"))
+    assert "sample.guidance_scale: 'high' is invalid" in message
+
+
+def test_missing_concept_folder_is_named(params_file):
+    message = _error(params_file, lambda d: d["concepts"]["subjects"][1].__setitem__("images", "no/such/dir"))
+    assert "concepts.subjects.1.images" in message and "no/such/dir" in message
+
+
+def test_duplicate_tokens_are_rejected(params_file):
+    def same_token(d):
+        d["concepts"]["subjects"][1]["token"] = d["concepts"]["subjects"][0]["token"]
+
+    message = _error(params_file, same_token)
+    assert "subjects.1.token: '<far-dog>' is already used by subjects.0" in message
+
+
+def test_resolution_must_suit_the_unet(params_file):
+    message = _error(params_file, lambda d: d["model"].__setitem__("resolution", 100))
+    assert "model.resolution: 100 is invalid" in message and "multiple of 64" in message
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_stage_exits_nonzero_with_one_line(params_file, tmp_path: Path):
+    bad = params_file(lambda d: d["train"].__setitem__("steps", -1))
+    proc = run([sys.executable, "-m", "stages.base_model", "--out", str(tmp_path / "base"), "--params", str(bad)],
+               cwd=ROOT, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.steps: -1 is invalid" in lines[0], proc.stderr
+    assert not (tmp_path / "base").exists()
