@@ -13,7 +13,8 @@ from tests.conftest import ROOT, run
 
 def test_default_params_load_with_every_section():
     params = load_params(ROOT / "params.yaml")
-    assert SECTIONS == ("model", "concepts", "segment", "priors", "fusion", "train", "sample", "eval", "report")
+    assert SECTIONS == ("model", "concepts", "segment", "priors", "fusion", "train", "sample", "eval", "report",
+                        "orchestrate")
     assert [c.name for c in params.concepts.subjects] == ["dog", "dog3"]
     assert params.model.pretrained == "tiny"
 
@@ -82,3 +83,11 @@ def test_stage_exits_nonzero_with_one_line(params_file, tmp_path: Path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.steps: -1 is invalid" in lines[0], proc.stderr
     assert not (tmp_path / "base").exists()
+
+
+def test_yaml_12_as_dvc_writes_it(params_file):
+    # `dvc exp run -S ...` rewrites params.yaml as YAML 1.2: the string "no" comes back unquoted.
+    path = params_file(lambda d: d["train"].__setitem__("mixed_precision", "no"))
+    path.write_text(path.read_text().replace("mixed_precision: 'no'", "mixed_precision: no"))
+    assert "mixed_precision: no\n" in path.read_text()
+    assert load_params(path).train.mixed_precision == "no"

@@ -55,11 +55,3 @@ def test_only_the_params_a_stage_reads_make_it_stale(project: Path):
     _set_param(project, "model", "seed", 5)
     status = run(DVC + ["status", "base_model"], project).stdout
     assert "changed deps" in status and "modified:" in status and "model" in status, status
-
-
-@pytest.mark.slow
-def test_unimplemented_stage_fails_clearly_and_writes_nothing(project: Path):
-    proc = run(DVC + ["repro", "--single-item", "segment"], project, check=False)
-    assert proc.returncode != 0
-    assert "not implemented yet" in proc.stdout + proc.stderr
-    assert not (project / "data/segmented").exists()
