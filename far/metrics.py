@@ -1,1 +1,355 @@
-"""Lands with its stage's issue; listed in dvc.yaml so the stage graph is complete."""
+"""CLIP-T, CLIP-I and DINO as the personalization literature computes them, plus their batched evaluation.
+
+- **CLIP-T** (DreamBooth's prompt fidelity): cosine between the CLIP text embedding of the prompt and the
+  CLIP image embedding of the generated image, raw (in [-1, 1]), averaged over images. **CLIPScore** (Hessel
+  et al., torchmetrics' `CLIPScore`) is the same cosine as 100 * max(cos, 0), averaged per image; reported
+  under its own name, never mixed with CLIP-T.
+- **CLIP-I** / **DINO** (subject fidelity): mean pairwise cosine between the embeddings of a generated image
+  and of every reference image of the concept, averaged over generated images. DINO is a ViT-S/16 CLS token
+  with the DreamBooth / Custom Diffusion preprocessing (far.backbones.dino_preprocess); CLIP uses the
+  model's own preprocessing (resize shortest side to 224 bicubic, centre crop, CLIP mean/std).
+- For an image of several concepts, CLIP-I / DINO are computed against each of its concepts' references and
+  averaged over those concepts (as Custom Diffusion does); the crop-based identity metrics are in far.identity.
+
+The text for CLIP-T is the prompt with each identifier token removed where the class word follows it
+("a <far-dog> dog on the beach" -> "a dog on the beach", DreamBooth's and Custom Diffusion's practice: the
+token means nothing to CLIP), or replaced by the class word where it stands alone. References are the images
+in `data/segmented` (as loaded: EXIF applied, RGB); each is embedded once per run and reused for every image.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from far.config import ConceptsConfig, EvalConfig, SegmentConfig
+from far.errors import InvalidInputError
+
+MANIFEST = "manifest.parquet"
+SAMPLE_COLUMNS = ("prompt", "kind", "concepts", "seed", "path")
+REFERENCE_COLUMNS = ("concept", "image", "bbox")
+PER_IMAGE_SCORES = (
+    "clip_t", "clipscore", "clip_i", "dino", "identity_accuracy", "identity_mixing", "attention_leakage",
+)
+
+
+# ------------------------------------------------------------------------------------------- formulas
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, D), (M, D) -> (N, M) cosine similarities (inputs need not be normalised)."""
+    return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+
+
+def clip_t(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(N, D), (N, D) -> (N,) raw cosine of each image with its own prompt (DreamBooth's CLIP-T)."""
+    return (torch.nn.functional.normalize(image_emb, dim=-1) * torch.nn.functional.normalize(text_emb, dim=-1)).sum(-1)
+
+
+def clipscore(cos: torch.Tensor) -> torch.Tensor:
+    """CLIPScore form of a cosine: 100 * max(cos, 0) (Hessel et al. 2021 with w = 100, as torchmetrics)."""
+    return 100 * cos.clamp(min=0)
+
+
+def mean_pairwise(generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """(N, D), (M, D) -> (N,) mean cosine of each generated embedding to all M references (CLIP-I, DINO)."""
+    return cosine(generated, references).mean(dim=1)
+
+
+def clip_prompt(prompt: str, tokens: list[tuple[str, str]]) -> str:
+    """The prompt CLIP-T scores: each (token, class word) token dropped before its class word, else replaced."""
+    for token, class_word in tokens:
+        prompt = re.sub(rf"{re.escape(token)}(\s+{re.escape(class_word)}\b)?", class_word, prompt)
+    return " ".join(prompt.split())
+
+
+# ------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Sample:
+    """One generated image from `data/samples/manifest.parquet` (paths resolved against the samples dir)."""
+
+    prompt_idx: int
+    prompt: str
+    kind: str  # single | multi
+    concepts: tuple[str, ...]
+    seed: int
+    path: Path
+    attention: tuple[Path, ...]  # one (S, S) .npy per concept, same order; empty if the sampler kept none
+
+
+def read_samples(samples: Path, concepts: ConceptsConfig) -> list[Sample]:
+    """Validate and read the sample manifest; every image and attention file must exist."""
+    manifest = Path(samples) / MANIFEST
+    if not manifest.is_file():
+        raise InvalidInputError(f"{manifest}: no sample manifest (run the `sample` stage)")
+    df = pd.read_parquet(manifest)
+    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
+    if missing:
+        raise InvalidInputError(f"{manifest}: missing columns {missing} (has {list(df.columns)})")
+    if df.empty:
+        raise InvalidInputError(f"{manifest}: no samples")
+    known = {c.name for c in concepts.subjects}
+    out = []
+    for i, row in enumerate(df.to_dict("records")):
+        names = tuple(row["concepts"])
+        where = f"{manifest} row {i}"
+        if not names or set(names) - known:
+            raise InvalidInputError(f"{where}: concepts {list(names)} must be non-empty and in {sorted(known)}")
+        if row["kind"] not in ("single", "multi") or (row["kind"] == "single") != (len(names) == 1):
+            raise InvalidInputError(f"{where}: kind {row['kind']!r} does not fit {len(names)} concept(s)")
+        attention = tuple(Path(samples) / p for p in (row.get("attention") if row.get("attention") is not None else []))
+        if attention and len(attention) != len(names):
+            raise InvalidInputError(f"{where}: {len(attention)} attention maps for {len(names)} concepts")
+        path = Path(samples) / row["path"]
+        for f in (path, *attention):
+            if not f.is_file():
+                raise InvalidInputError(f"{where}: file {f} does not exist")
+        out.append(Sample(int(row.get("prompt_idx", i)), row["prompt"], row["kind"], names, int(row["seed"]), path,
+                          attention))
+    return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference image of a concept and its subject's bbox (x0, y0, x1, y1; exclusive end)."""
+
+    concept: str
+    path: Path
+    bbox: tuple[int, int, int, int]
+
+
+def read_references(segmented: Path, concepts: ConceptsConfig) -> dict[str, list[Reference]]:
+    """Reference images per concept from the segment stage's manifest; every concept must have one."""
+    manifest = Path(segmented) / MANIFEST
+    if not manifest.is_file():
+        raise InvalidInputError(f"{manifest}: no segmentation manifest (run the `segment` stage)")
+    df = pd.read_parquet(manifest)
+    missing = [c for c in REFERENCE_COLUMNS if c not in df.columns]
+    if missing:
+        raise InvalidInputError(f"{manifest}: missing columns {missing} (has {list(df.columns)})")
+    refs: dict[str, list[Reference]] = {c.name: [] for c in concepts.subjects}
+    for row in df.to_dict("records"):
+        if row["concept"] in refs:
+            path = Path(segmented) / row["image"]
+            if not path.is_file():
+                raise InvalidInputError(f"{manifest}: reference image {path} does not exist")
+            refs[row["concept"]].append(Reference(row["concept"], path, tuple(int(v) for v in row["bbox"])))
+    empty = [c for c, r in refs.items() if not r]
+    if empty:
+        raise InvalidInputError(f"{manifest}: no reference images for concepts {empty}")
+    return refs
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+class EmbeddingCache:
+    """Embeddings by key, computed in batches only for keys not seen yet (references are embedded once)."""
+
+    def __init__(self, embed: Callable[[list[Image.Image]], torch.Tensor]):
+        self._embed = embed
+        self._store: dict[Hashable, torch.Tensor] = {}
+        self.computed = 0  # how many embeddings were actually computed (for tests and the run summary)
+
+    def get(self, keys: list[Hashable], load: Callable[[Hashable], Image.Image]) -> torch.Tensor:
+        """(len(keys), D) embeddings; `load(key)` gives the PIL image of a key not cached yet."""
+        todo = list(dict.fromkeys(k for k in keys if k not in self._store))
+        if todo:
+            for key, emb in zip(todo, self._embed([load(k) for k in todo]), strict=True):
+                self._store[key] = emb
+            self.computed += len(todo)
+        return torch.stack([self._store[k] for k in keys])
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """An image as RGB, with a clear error for an unreadable file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: not a readable image: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------- aggregation
+def finite_mean(values: Any) -> float | None:
+    """Mean of the finite values, None when there are none (JSON has no NaN)."""
+    arr = np.asarray(list(values), dtype=float)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else None
+
+
+def _clean(obj: Any) -> Any:
+    """Round floats to 6 decimals and turn NaN/inf into None, recursively (stable, valid JSON)."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return round(float(obj), 6) if math.isfinite(obj) else None
+    return obj
+
+
+def summarize(per_image: pd.DataFrame, identity: pd.DataFrame, leak: pd.DataFrame) -> dict[str, Any]:
+    """metrics.json's numeric sections {overall, per_concept, multi_concept} from the per-image tables."""
+    head = ("clip_t", "clipscore", "clip_i", "dino")
+
+    def block(df: pd.DataFrame) -> dict[str, Any]:
+        return {m: finite_mean(df[m]) for m in head} | {"n_images": len(df)}
+
+    single = per_image[per_image.kind == "single"]
+    multi = per_image[per_image.kind == "multi"]
+    per_concept = {c: block(g) for c, g in single.groupby("concepts", sort=True)}
+    multi_block: dict[str, Any] = block(multi)
+    if len(identity):
+        multi_block |= {
+            "identity_accuracy": float(identity.correct.mean()),
+            "identity_mixing": finite_mean(identity.mixing),
+            "identity_margin": finite_mean(identity.margin),
+            "regions_found": float(identity.found.mean()),
+        }
+    if len(leak):
+        multi_block["attention_leakage"] = finite_mean(leak.share)
+        multi_block["leakage_pairs"] = {f"{a}->{b}": finite_mean(g.share) for (a, b), g in
+                                        leak.groupby(["source", "target"], sort=True)}
+    return _clean({"overall": block(per_image), "per_concept": per_concept, "multi_concept": multi_block})
+
+
+# ------------------------------------------------------------------------------------------- the metric pass
+def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: EvalConfig, workdir: Path,
+             backbones: tuple[Any, Any] | None = None, segment: SegmentConfig | None = None,
+             ) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, Any]]:
+    """Score every sample -> (metrics.json content, tables by name, run summary).
+
+    Backbones load from `cfg` unless given; `segment` (the `segment` params) is used when `eval.regions` is
+    `segment`.
+
+    `workdir` receives the tiny backbones when they are built. Embeddings are computed in batches of
+    `eval.batch_size`, each once (EmbeddingCache: a reference is embedded once however many samples use it),
+    and a generated image is decoded once for both backbones. A subject that was not found (empty region) is
+    compared as the whole image, for the table only: it counts as misidentified.
+    """
+    from far import identity as ident
+    from far.backbones import load_clip, load_dino, pick_device
+
+    items = read_samples(samples, concepts)
+    refs = read_references(segmented, concepts)
+    segmenter = None
+    if cfg.regions == "segment":
+        from far.segment import Segmenter
+
+        segmenter = Segmenter(segment or SegmentConfig())
+    start = time.perf_counter()
+    if backbones is None:
+        device = pick_device(cfg.device)
+        backbones = (load_clip(cfg.clip_model, workdir, device, cfg.tiny_seed),
+                     load_dino(cfg.dino_model, workdir, device, cfg.tiny_seed))
+    clip_bb, dino_bb = backbones
+    load_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    bs = cfg.batch_size
+    clip_cache = EmbeddingCache(lambda ims: clip_bb.embed_images(ims, bs))
+    dino_cache = EmbeddingCache(lambda ims: dino_bb.embed_images(ims, bs))
+    ref_paths = {c: [r.path for r in rs] for c, rs in refs.items()}
+    ref_crops = {c: [(r.path, r.bbox) for r in rs] for c, rs in refs.items()}
+    load = functools.lru_cache(maxsize=4 * bs)(open_rgb)  # each image is decoded once for both backbones
+    clip_refs = {c: clip_cache.get(p, load) for c, p in ref_paths.items()}
+    dino_refs = {c: dino_cache.get(p, load) for c, p in ref_paths.items()}
+    dino_ref_crops = {c: dino_cache.get(k, lambda k: load(k[0]).crop(k[1])) for c, k in ref_crops.items()}
+
+    token_map = [(c.token, c.class_word) for c in concepts.subjects]
+    texts = [clip_prompt(s.prompt, token_map) for s in items]
+    paths = [s.path for s in items]
+    chunks = [paths[i : i + 2 * bs] for i in range(0, len(paths), 2 * bs)]  # CLIP then DINO while decoded
+    clip_img, dino_img = map(torch.cat, zip(*[(clip_cache.get(c, load), dino_cache.get(c, load)) for c in chunks],
+                                            strict=True))  # (N, D) each
+    cos_t = clip_t(clip_img, clip_bb.embed_texts(texts))  # (N,)
+
+    rows, id_rows, leak_rows, crops = [], [], [], []
+    for i, s in enumerate(items):
+        row = {"prompt_idx": s.prompt_idx, "seed": s.seed, "kind": s.kind, "concepts": "+".join(s.concepts),
+               "prompt": s.prompt, "clip_prompt": texts[i], "path": s.path.name,
+               "clip_t": float(cos_t[i]), "clipscore": float(clipscore(cos_t[i])),
+               "clip_i": float(np.mean([mean_pairwise(clip_img[i : i + 1], clip_refs[c])[0] for c in s.concepts])),
+               "dino": float(np.mean([mean_pairwise(dino_img[i : i + 1], dino_refs[c])[0] for c in s.concepts]))}
+        rows.append(row)
+        if s.kind != "multi" or not s.attention:
+            continue
+        maps = {c: ident.load_map(p) for c, p in zip(s.concepts, s.attention, strict=True)}
+        with Image.open(s.path) as im:
+            size = im.size
+        if segmenter is None:  # eval.regions: attention -> (S, S) regions
+            regions = ident.attention_regions(maps, cfg.region_threshold)
+        else:  # eval.regions: segment -> (H, W) regions: the foreground split by the largest map
+            maps = {c: ident.upsample(m, size) for c, m in maps.items()}
+            regions = ident.segment_regions(maps, segmenter(np.asarray(load(s.path)), s.path))
+        for (a, b), share in ident.leakage(maps, regions).items():
+            leak_rows.append({"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed, "source": a,
+                              "target": b, "share": share})
+        for c, m in maps.items():
+            crops.append((i, c, ident.region_bbox(regions[c], m, size, cfg.crop_padding)))
+
+    if crops:  # all identity crops of all images in one batched pass
+        crop_emb = dino_cache.get([(items[i].path, bbox or "whole") for i, _, bbox in crops],
+                                  lambda k: load(k[0]) if k[1] == "whole" else load(k[0]).crop(k[1]))
+        names = [c.name for c in concepts.subjects]
+        for (i, c, bbox), emb in zip(crops, crop_emb, strict=True):
+            sims = {n: float(mean_pairwise(emb[None], dino_ref_crops[n])[0]) for n in names}
+            verdict = ident.judge(c, bbox is not None, bbox, sims)
+            id_rows.append({"path": items[i].path.name, "prompt_idx": items[i].prompt_idx, "seed": items[i].seed,
+                            "concept": c, "found": verdict.found, "bbox": list(bbox) if bbox else None,
+                            **{f"sim_{n}": v for n, v in sims.items()},
+                            "correct": verdict.correct, "mixing": verdict.mixing, "margin": verdict.margin})
+    per_image = pd.DataFrame(rows)
+    identity = pd.DataFrame(id_rows)
+    leak = pd.DataFrame(leak_rows)
+    if len(identity):
+        by_image = identity.groupby("path").agg(identity_accuracy=("correct", "mean"),
+                                                identity_mixing=("mixing", "mean"))
+        per_image = per_image.merge(by_image, how="left", left_on="path", right_index=True)
+    if len(leak):
+        per_image = per_image.merge(leak.groupby("path").share.mean().rename("attention_leakage"), how="left",
+                                    left_on="path", right_index=True)
+    metric_seconds = time.perf_counter() - start
+
+    metrics = summarize(per_image, identity, leak)
+    metrics["backbones"] = {
+        "clip": clip_bb.name, "dino": dino_bb.name, "clip_sha256": clip_bb.sha256, "dino_sha256": dino_bb.sha256,
+        "identity": (f"dino crops of {cfg.regions} regions (" + (f"threshold {cfg.region_threshold}"
+                     if segmenter is None else f"segment backend {segmenter.backend}") +
+                     f", padding {cfg.crop_padding})"),
+    }
+    scores = [c for c in per_image.columns if c in PER_IMAGE_SCORES]
+    per_prompt = (per_image.groupby(["prompt_idx", "kind", "concepts", "prompt"], sort=True)
+                  .agg(**{m: (m, "mean") for m in scores}, n_images=("seed", "size")).reset_index())
+    tables = {"per_image": per_image, "per_prompt": per_prompt, "identity": identity, "leakage": leak}
+    run = {
+        "images": len(items), "backbone_load_seconds": load_seconds, "metric_seconds": metric_seconds,
+        "images_per_second": len(items) / metric_seconds if metric_seconds > 0 else None,
+        "embeddings_computed_clip": clip_cache.computed, "embeddings_computed_dino": dino_cache.computed,
+        "identity_crops": len(crops), "device": str(clip_bb.device),
+    }
+    return metrics, tables, run
+
+
+def write_outputs(metrics: dict[str, Any], tables: dict[str, pd.DataFrame], metrics_path: Path, out: Path,
+                  run: dict[str, Any]) -> None:
+    """`metrics_path` (DVC metrics) and `out/` (CSV tables, DVC plot sources, and eval.json), each atomically."""
+    from far.io import atomic_dir, write_json
+
+    with atomic_dir(out) as tmp:
+        for name, df in tables.items():
+            df.to_csv(tmp / f"{name}.csv", index=False, float_format="%.6g")
+        write_json(tmp / "eval.json", _clean(run))
+    write_json(metrics_path, metrics)

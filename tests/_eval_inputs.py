@@ -1,0 +1,88 @@
+"""Evaluate-stage inputs built from the real concept photos, following the segment and sample contracts.
+
+Until real samples exist, the shipped photos stand in for "generated" images: single-concept samples are
+the photos themselves, multi-concept samples put a `dog` photo on the left half and a `dog3` photo on the
+right half, with attention maps we construct (a blob over each half, or swapped / empty on request).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPTS = {"dog": ("<far-dog>", "dog"), "dog3": ("<far-dog3>", "dog")}
+SIDE = 256
+MAP = 16  # attention map side
+
+
+def photo(concept: str, i: int) -> Image.Image:
+    with Image.open(ROOT / "data" / "concepts" / concept / f"{i:02d}.jpg") as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def make_segmented(out: Path, n: int = 3) -> Path:
+    """`data/segmented`-shaped directory: images, masks, cutouts and manifest (mask = centre 60% box)."""
+    rows = []
+    for concept, (_, cw) in CONCEPTS.items():
+        (out / concept).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            im = photo(concept, i)
+            w, h = im.size
+            bbox = [int(0.2 * w), int(0.2 * h), int(0.8 * w), int(0.8 * h)]
+            mask = Image.new("L", (w, h), 0)
+            mask.paste(255, bbox)
+            stem = f"{i:02d}"
+            im.save(out / concept / f"{stem}.png")
+            mask.save(out / concept / f"{stem}_mask.png")
+            cut = im.copy()
+            cut.putalpha(mask)
+            cut.save(out / concept / f"{stem}_cutout.png")
+            rows.append({"concept": concept, "class_word": cw, "source": f"data/concepts/{concept}/{stem}.jpg",
+                         "image": f"{concept}/{stem}.png", "mask": f"{concept}/{stem}_mask.png",
+                         "cutout": f"{concept}/{stem}_cutout.png", "width": w, "height": h,
+                         "area_fraction": 0.36, "bbox": bbox, "backend": "test-box", "quality": "ok"})
+    pq.write_table(pa.Table.from_pylist(rows), out / "manifest.parquet")
+    return out
+
+
+def blob(cx: float, cy: float, sigma: float = 2.5) -> np.ndarray:
+    """(MAP, MAP) Gaussian blob centred at (cx, cy) in cell-index coordinates (cell i's centre is i)."""
+    y, x = np.mgrid[0:MAP, 0:MAP]
+    return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)).astype(np.float16)
+
+
+def make_samples(out: Path, seeds: tuple[int, ...] = (0, 1), maps: str = "right") -> Path:
+    """`data/samples`-shaped directory. maps: right (dog left, dog3 right) | swapped | empty (dog3's map zero)."""
+    (out / "attn").mkdir(parents=True, exist_ok=True)
+    rows = []
+    prompts = [("single", ["dog"], "a <far-dog> dog on the beach"),
+               ("single", ["dog3"], "a <far-dog3> dog in the jungle"),
+               ("multi", ["dog", "dog3"], "a <far-dog> dog and a <far-dog3> dog in the snow")]
+    c = MAP / 2 - 0.5  # cell i covers pixels [i, i + 1) * SIDE / MAP: the image centre is at cell 7.5
+    left, right = blob(MAP * 0.25 - 0.5, c), blob(MAP * 0.75 - 0.5, c)
+    for idx, (kind, names, prompt) in enumerate(prompts):
+        for seed in seeds:
+            stem = f"{idx:03d}_{seed}"
+            if kind == "single":
+                im = ImageOps.fit(photo(names[0], 3 + seed % 2), (SIDE, SIDE))
+                attn = {names[0]: blob(c, c, 4.0)}
+            else:
+                im = Image.new("RGB", (SIDE, SIDE))
+                im.paste(ImageOps.fit(photo("dog", 3 + seed % 2), (SIDE // 2, SIDE)), (0, 0))
+                im.paste(ImageOps.fit(photo("dog3", 3 + seed % 2), (SIDE // 2, SIDE)), (SIDE // 2, 0))
+                attn = {"right": {"dog": left, "dog3": right}, "swapped": {"dog": right, "dog3": left},
+                        "empty": {"dog": left, "dog3": np.zeros_like(right)}}[maps]
+            im.save(out / f"{stem}.png")
+            for name, m in attn.items():
+                np.save(out / "attn" / f"{stem}_{name}.npy", m)
+            rows.append({"prompt_idx": idx, "prompt": prompt, "template": prompt, "kind": kind, "concepts": names,
+                         "class_words": [CONCEPTS[n][1] for n in names], "tokens": [CONCEPTS[n][0] for n in names],
+                         "seed": seed, "path": f"{stem}.png", "attention": [f"attn/{stem}_{n}.npy" for n in names],
+                         "width": SIDE, "height": SIDE})
+    pq.write_table(pa.Table.from_pylist(rows), out / "manifest.parquet")
+    return out
