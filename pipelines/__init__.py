@@ -1,0 +1,1 @@
+"""Prefect orchestration of the DVC pipeline (flows.py), its schedules (serve.py) and DVC helpers."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
 
-from far.errors import run_app
+from far.errors import FAILED, run_app
 
 
 def run_stage(main: Callable[..., Any]) -> None:
@@ -18,4 +21,26 @@ def run_stage(main: Callable[..., Any]) -> None:
     # reaches its own "not implemented yet" error instead of a usage error.
     lenient = {"ignore_unknown_options": True, "allow_extra_args": True}
     app.command(context_settings=lenient if not inspect.signature(main).parameters else None)(main)
-    run_app(app, prog=f"far {main.__module__.rsplit('.', 1)[-1]}")
+    stage = _stage_name(main)
+    _fail_once(stage)
+    run_app(app, prog=f"far {stage}")
+
+
+def _stage_name(main: Callable[..., Any]) -> str:
+    """`base_model` for stages/base_model.py, also under `python -m` (where `__module__` is `__main__`)."""
+    spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+    return (spec.name if spec is not None else main.__module__).rsplit(".", 1)[-1]
+
+
+def _fail_once(stage: str) -> None:
+    """Fault injection for the orchestration tests (tests/test_flows.py), inert unless the variable is set.
+
+    `FAR_FAIL_ONCE=<stage>:<marker file>`: the first run of `<stage>` creates the marker and exits with a
+    transient failure (exit code 1, which orchestrators may retry); every later run proceeds normally.
+    """
+    name, _, marker = os.environ.get("FAR_FAIL_ONCE", "").partition(":")
+    if name != stage or not marker or Path(marker).exists():
+        return
+    Path(marker).touch()
+    print(f"far {stage}: error: injected transient failure (FAR_FAIL_ONCE)", file=sys.stderr)
+    sys.exit(FAILED)
