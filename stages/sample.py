@@ -1,14 +1,29 @@
-"""DVC stage `sample`: declared in dvc.yaml; its real work lands with issue #5."""
+"""DVC stage `sample`: DreamBench + multi-concept prompts through the base model with the FaR delta applied."""
 
 from __future__ import annotations
 
-from far.errors import NotImplementedStageError
+from pathlib import Path
+
+import typer
+
+from far.config import DEFAULT_PARAMS, load_params
 from stages import run_stage
 
 
-def main() -> None:
-    """Not implemented yet: fails clearly and writes no output."""
-    raise NotImplementedStageError("stage 'sample' is not implemented yet (issue #5); it wrote nothing")
+def main(
+    base: Path = typer.Option(..., help="Base diffusers directory (models/base)."),
+    delta: Path = typer.Option(..., help="Trained FaR delta directory (models/far), applied with far.load."),
+    out: Path = typer.Option(..., help="Output directory (data/samples)."),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml to read `concepts` and `sample` from."),
+) -> None:
+    """Generate evaluation images (fixed seeds) and each concept token's cross-attention maps."""
+    cfg = load_params(params)
+    from far.sample import run_sample  # heavy (torch, diffusers): after params are validated
+
+    s = run_sample(base, delta, out, cfg.sample, cfg.concepts)
+    rate = f"{s['images_per_second']:.2f} img/s" if s["images_per_second"] else "all resumed"
+    print(f"sample: {s['images']} images ({s['prompts']} prompts x {len(cfg.sample.seeds)} seeds, "
+          f"{s['resumed']} resumed) -> {out} [{s['device']}, {rate}]")
 
 
 if __name__ == "__main__":
