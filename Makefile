@@ -5,30 +5,37 @@ BIN    := $(VENV)/bin
 # torch is installed first and pinned so pip never swaps in another (multi-GB) build.
 TORCH  := "torch==2.14.1" "torchvision==0.29.1"
 
-.PHONY: run test lint install clean-venv
+.PHONY: run test lint install browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-%: $(BIN)/python pyproject.toml requirements.lock
+# One environment for both commands (re-installed only when the dependency files change).
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" "setuptools>=77,<81"
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[$*]"
-	rm -f $(VENV)/.installed-*
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev,rembg]"
 	touch $@
 
-install: $(VENV)/.installed-rembg
+install: $(VENV)/.installed
 
-run: $(VENV)/.installed-rembg
-	$(BIN)/dvc repro
+# dvc.yaml's commands call `python`: the venv's bin comes first on PATH.
+run: $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo ""
 	@echo "Report:  $(CURDIR)/reports/index.html"
 	@echo "Metrics: $(CURDIR)/reports/metrics.json"
 
-lint: $(VENV)/.installed-dev
+lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-test: $(VENV)/.installed-dev
+# The report's browser test uses Debian's chromium; install it when missing and we may (root + apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium not installed: the report's browser test will be skipped"
+
+test: $(VENV)/.installed browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

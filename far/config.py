@@ -115,6 +115,7 @@ class SegmentConfig(Section):
     min_area: Fraction = 0.01  # below this mask area fraction the mask is flagged `empty`
     max_area: Fraction = 0.98  # above it, `full`
     on_bad_image: Literal["error", "skip"] = "error"  # corrupt/non-image/tiny/duplicate reference files
+    cosegment: bool = True  # grabcut: segment a concept's photos together (shared subject colours, far/cosegment.py)
 
 
 # ---------------------------------------------------------------------------------------------- priors
@@ -270,7 +271,7 @@ class EvalConfig(Section):
     tiny_seed: int = 0  # seed of the tiny backbones (ignored for real ones)
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"  # auto = cuda if available
     regions: Literal["attention", "segment"] = "attention"  # how subjects are found in multi-concept samples
-    region_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # concept region = its max-normalised map >= this
+    region_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # region = its min-max-scaled map >= this
     crop_padding: Fraction = 0.1  # identity crops: bbox grown by this fraction of its side on each side
 
 

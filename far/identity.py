@@ -5,7 +5,8 @@ cross-attention map M_k (soft, max-normalised to [0, 1], at the attention resolu
 heads, layers and steps). Here:
 
 - **Region** of concept k, by `eval.regions`:
-  `attention` (default): R_k = {M_k / max(M_k) >= eval.region_threshold}, a {0,1} mask at S x S;
+  `attention` (default): R_k = {(M_k - min M_k) / (max M_k - min M_k) >= eval.region_threshold}, a {0,1}
+  mask at S x S (min-max scaled: the maps have a near-uniform floor);
   `segment`: the generated image's foreground mask F from far.segment (backend `segment.backend`), each
   foreground pixel given to the concept whose (bilinearly upsampled) map is largest there, R_k = F and
   argmax_j M_j = k, a {0,1} mask at image resolution. R_k is the concept's region for the leakage metric;
@@ -49,9 +50,14 @@ def load_map(path: Path) -> np.ndarray:
 
 
 def region(m: np.ndarray, threshold: float) -> np.ndarray:
-    """{0,1} bool (S, S): where the max-normalised map reaches `threshold` (empty for an all-zero map)."""
-    peak = float(m.max())
-    return (m >= threshold * peak) if peak > 0 else np.zeros(m.shape, bool)
+    """{0,1} bool (S, S): where the min-max-scaled map reaches `threshold` (empty for a constant map).
+
+    Min-max, not max, scaling: cross-attention maps carry a near-uniform floor (a token attends everywhere a
+    little), which with max-scaling alone puts every cell above a mid threshold and makes every region the
+    whole image.
+    """
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo >= threshold * (hi - lo)) if hi > lo else np.zeros(m.shape, bool)
 
 
 def upsample(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
