@@ -1,14 +1,33 @@
-"""DVC stage `priors`: declared in dvc.yaml; its real work lands with issue #3."""
+"""DVC stage `priors`: class-prior images from the base model, segmented like the references, into `--out`."""
 
 from __future__ import annotations
 
-from far.errors import NotImplementedStageError
+from pathlib import Path
+
+import typer
+
+from far.config import DEFAULT_PARAMS, load_params
+from far.errors import InvalidInputError
 from stages import run_stage
 
 
-def main() -> None:
-    """Not implemented yet: fails clearly and writes no output."""
-    raise NotImplementedStageError("stage 'priors' is not implemented yet (issue #3); it wrote nothing")
+def main(
+    base: Path = typer.Option(..., help="Base model directory (models/base)."),
+    out: Path = typer.Option(..., help="Output directory (data/priors)."),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml to read `concepts`, `priors`, `segment` from."),
+) -> None:
+    """Generate `priors.per_class` images per class word with the base model and segment them."""
+    cfg = load_params(params)
+    if not (base / "model_index.json").is_file():
+        raise InvalidInputError(f"{base}: no base model here (run the `base_model` stage)")
+    from far.models import load_base_pipeline  # heavy (torch, diffusers): after the inputs are checked
+    from far.priors import write_priors
+
+    pipe = load_base_pipeline(base)
+    rows = write_priors(pipe, out, cfg.concepts, cfg.priors, cfg.segment)
+    flagged = sum(r["quality"] != "ok" for r in rows)
+    words = sorted({r["class_word"] for r in rows})
+    print(f"priors: {len(rows)} images of {words} -> {out} ({flagged} masks flagged, backend {rows[0]['backend']})")
 
 
 if __name__ == "__main__":
