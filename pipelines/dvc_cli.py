@@ -67,12 +67,24 @@ def dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     """This process's environment with the interpreter's bin/ first on PATH (dvc.yaml's `python`)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.update(extra)
     return env
+
+
+def threads_per_job(jobs: int) -> dict[str, str]:
+    """OMP_NUM_THREADS for `jobs` experiments at once: each gets its share of the cores (unless the user set it).
+
+    Several torch processes that each spin up one thread per core are many times slower than the same
+    processes sharing the cores out (measured ~10x on 2 cores).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, jobs)))}
 
 
 def _clean(raw: str) -> str:
@@ -110,9 +122,9 @@ def stream(cmd: list[str], cwd: Path, log: LogFn, keep: int = 400) -> Completed:
     return Completed(returncode, list(tails["stdout"]), list(tails["stderr"]))
 
 
-def run_quiet(args: Iterable[str], cwd: Path, what: str) -> str:
+def run_quiet(args: Iterable[str], cwd: Path, what: str, **env: str) -> str:
     """Run a DVC command for its output; a failure raises DvcError naming `what` and DVC's message."""
-    proc = subprocess.run(dvc(*args), cwd=cwd, env=subprocess_env(), capture_output=True, text=True)
+    proc = subprocess.run(dvc(*args), cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
     if proc.returncode != 0:
         message = _last_error(proc.stderr.splitlines() or proc.stdout.splitlines())
         raise DvcError(f"{what} failed in {cwd}: {message}")

@@ -40,6 +40,7 @@ from pipelines.dvc_cli import (
     stage_params,
     stream,
     subprocess_env,
+    threads_per_job,
 )
 
 PARAMS = "params.yaml"
@@ -244,7 +245,7 @@ def queue_variants(root: str, variants: list[dict[str, Any]]) -> dict[str, str]:
 def run_queue(root: str, ids: dict[str, str], jobs: int, timeout: float, poll: float = 2.0) -> dict[str, Any]:
     """`dvc queue start -j <jobs>`, wait for every queued variant, return {name: status, ran, skipped}."""
     logger, project = get_run_logger(), Path(root)
-    run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`")
+    run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
     deadline, last = time.monotonic() + timeout, {}
     while True:
         status = queue_status(project)
