@@ -17,6 +17,9 @@ worse or unstable: a border-colour-contrast saliency map or a minimum-barrier-di
 initialisation or as "probably background" hints, leaving the border band undecided (probable background),
 and majority votes over several rectangle margins.
 
+A concept's photos are segmented together by far/cosegment.py, which reuses these steps (`crop_letterbox`,
+`coarse_mask`, `finish`) around a shared subject colour model.
+
 Masks are (H, W) bool {0,1} at the input resolution; every step is deterministic (OpenCV's RNG is seeded).
 """
 
@@ -126,24 +129,40 @@ def _refine(rgb: np.ndarray, coarse_small: np.ndarray) -> np.ndarray:
     return fine
 
 
-def _segment_picture(rgb: np.ndarray) -> np.ndarray:
-    small = _resize(rgb, WORK_SIDE)
-    sh, sw = small.shape[:2]
-    labels = np.full((sh, sw), cv2.GC_PR_FGD, np.uint8)
+def border_band(shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) bool: the MARGIN band along the picture's edges, taken as definite background."""
+    sh, sw = shape
+    band = np.zeros((sh, sw), bool)
     mh, mw = max(1, round(MARGIN * sh)), max(1, round(MARGIN * sw))
-    labels[:mh], labels[-mh:], labels[:, :mw], labels[:, -mw:] = (cv2.GC_BGD,) * 4
-    coarse = clean_mask(_grabcut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), labels, ITERS))
-    if not coarse.any():
-        return np.zeros(rgb.shape[:2], bool)
-    return _refine(rgb, coarse)
+    band[:mh], band[-mh:], band[:, :mw], band[:, -mw:] = (True,) * 4
+    return band
+
+
+def coarse_mask(small: np.ndarray) -> np.ndarray:
+    """(h, w) bool: GrabCut of a WORK_SIDE (h, w, 3) RGB picture from its border band, cleaned."""
+    labels = np.where(border_band(small.shape[:2]), cv2.GC_BGD, cv2.GC_PR_FGD).astype(np.uint8)
+    return clean_mask(_grabcut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), labels, ITERS))
+
+
+def crop_letterbox(rgb: np.ndarray) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """((y0, y1, x0, x1), picture): the (h, w, 3) picture inside the letterbox bars of an RGB image."""
+    box = y0, y1, x0, x1 = letterbox(rgb)
+    return box, np.ascontiguousarray(rgb[y0:y1, x0:x1])
+
+
+def finish(rgb: np.ndarray, box: tuple[int, int, int, int], picture: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """(H, W) bool mask of the whole image: the coarse (WORK_SIDE) picture mask refined, pasted inside the box."""
+    y0, y1, x0, x1 = box
+    mask = np.zeros(rgb.shape[:2], bool)
+    if coarse.any():
+        mask[y0:y1, x0:x1] = _refine(picture, coarse)
+    return mask
 
 
 def segment_grabcut(rgb: np.ndarray) -> np.ndarray:
     """(H, W) bool {0,1} subject mask of an (H, W, 3) uint8 RGB photo with one main subject."""
-    y0, y1, x0, x1 = letterbox(rgb)
-    mask = np.zeros(rgb.shape[:2], bool)
-    mask[y0:y1, x0:x1] = _segment_picture(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
-    return mask
+    box, picture = crop_letterbox(rgb)
+    return finish(rgb, box, picture, coarse_mask(_resize(picture, WORK_SIDE)))
 
 
 def segment_rect_grabcut(rgb: np.ndarray, margin: float = 0.05, iters: int = 5) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Subject masks for reference images: one entry point, `segment(rgb, backend, cfg)`, over three backends.
 
-- `grabcut`: OpenCV GrabCut from a border-contrast saliency initialisation (far/grabcut.py); needs no weights,
-  the offline default.
+- `grabcut`: OpenCV GrabCut (far/grabcut.py); needs no weights, the offline default. With `segment.cosegment`
+  (default) a concept's photos are segmented together, sharing the subject's colour model (far/cosegment.py).
 - `rembg`: any rembg model (`segment.rembg_model`), an optional extra (`pip install "far[rembg]"`). The model
   file is looked up BEFORE rembg is imported or called (rembg would otherwise try to download it and hang for
   about 70 s offline); a missing file fails at once, naming every place looked at.
@@ -189,6 +189,15 @@ class Segmenter:
             raise SegmentError("segment.backend provided needs the image's path to find its mask")
         return load_provided_mask(Path(image_path), self.cfg.provided_suffix, rgb.shape[:2])
 
+    def concept(self, rgbs: list[np.ndarray], image_paths: list[Path]) -> list[np.ndarray]:
+        """Masks of several photos of ONE subject: co-segmented (`grabcut` with `segment.cosegment`), else one by
+        one; (H_i, W_i) bool {0,1} each."""
+        if self.backend == "grabcut" and self.cfg.cosegment and len(rgbs) > 1:
+            from far.cosegment import segment_concept  # scipy.ndimage: only where co-segmentation runs
+
+            return segment_concept(rgbs)
+        return [self(rgb, path) for rgb, path in zip(rgbs, image_paths, strict=True)]
+
 
 def segment(rgb: np.ndarray, backend: str, cfg: SegmentConfig, image_path: Path | None = None) -> np.ndarray:
     """(H, W) bool {0,1} subject mask of an (H, W, 3) uint8 RGB image with `backend` (see module docstring).
@@ -263,8 +272,8 @@ def segment_concepts(concepts: ConceptsConfig, cfg: SegmentConfig, out: Path) ->
     rows: list[dict] = []
     with atomic_dir(out) as tmp:
         for c in concepts.subjects:
-            for img in loaded[c.name]:
-                mask = segmenter(img.rgb, img.path)
+            masks = segmenter.concept([img.rgb for img in loaded[c.name]], [img.path for img in loaded[c.name]])
+            for img, mask in zip(loaded[c.name], masks, strict=True):
                 rel = save_subject(tmp, f"{c.name}/{img.path.stem}", img.rgb, mask)
                 row = manifest_row(c.name, c.class_word, str(img.path), rel, mask, segmenter.backend, cfg)
                 if row["quality"] != "ok":
@@ -276,15 +285,17 @@ def segment_concepts(concepts: ConceptsConfig, cfg: SegmentConfig, out: Path) ->
 
 def segment_files(inputs: list[Path], out: Path, cfg: SegmentConfig, backend: str | None = None) -> list[dict]:
     """Standalone use: for each image (or each image in a folder) write `out/<stem>.png` (binary mask, L {0,255})
-    and `out/<stem>_cutout.png` (RGBA). Returns one record per image (source, mask, cutout, area, quality)."""
+    and `out/<stem>_cutout.png` (RGBA). Returns one record per image (source, mask, cutout, area, quality).
+    A folder is taken as one concept (its photos are co-segmented, see `Segmenter.concept`); files one by one."""
     segmenter = Segmenter(cfg, backend)
     exclude = cfg.provided_suffix if segmenter.backend == "provided" else None
-    images: list[tuple[Path, np.ndarray]] = []
+    groups: list[list[tuple[Path, np.ndarray]]] = []
     for item in inputs:
         if Path(item).is_dir():
-            images += [(i.path, i.rgb) for i in load_folder(item, cfg.on_bad_image, exclude_suffix=exclude)]
+            groups.append([(i.path, i.rgb) for i in load_folder(item, cfg.on_bad_image, exclude_suffix=exclude)])
         else:
-            images.append((Path(item), load_rgb(item)))
+            groups.append([(Path(item), load_rgb(item))])
+    images = [pair for group in groups for pair in group]
     stems: dict[str, Path] = {}
     for path, _ in images:
         if path.stem in stems:
@@ -292,7 +303,8 @@ def segment_files(inputs: list[Path], out: Path, cfg: SegmentConfig, backend: st
         stems[path.stem] = path
         if any((out / f"{path.stem}{end}").resolve() == path.resolve() for end in (".png", "_cutout.png")):
             raise InvalidInputError(f"{path}: writing its mask to {out} would overwrite it; choose another --out")
-    masks = [segmenter(rgb, path) for path, rgb in images]  # all computed before anything is written
+    # all computed before anything is written
+    masks = [m for g in groups for m in segmenter.concept([rgb for _, rgb in g], [path for path, _ in g])]
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for (path, rgb), mask in zip(images, masks, strict=True):
