@@ -20,12 +20,6 @@ class InvalidInputError(FarError, ValueError):
     exit_code = INVALID_INPUT
 
 
-class NotImplementedStageError(FarError):
-    """A declared stage whose real work has not landed yet; it writes nothing."""
-
-    exit_code = INVALID_INPUT
-
-
 def run_app(app, prog: str) -> None:  # noqa: ANN001 - a typer.Typer; typer is imported lazily
     """Run a typer app; a FarError becomes `<prog>: error: <message>` and its exit code, no traceback."""
     import sys

@@ -25,6 +25,16 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: s
     return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet(), dynamic_ncols=True))
 
 
+def silence_library_bars() -> None:
+    """Under `quiet()`, turn off the bars of every tqdm user (diffusers, transformers, huggingface_hub, ...).
+
+    tqdm reads TQDM_DISABLE when a bar is created, so this covers libraries we do not call directly.
+    """
+    if quiet():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def diffusers_progress_config() -> dict[str, bool]:
     """Kwargs for `pipe.set_progress_bar_config(**...)` matching `quiet()`."""
     return {"disable": quiet()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -12,15 +11,14 @@ from typing import Any
 import typer
 
 from far.errors import FAILED, run_app
+from far.progress import silence_library_bars
 
 
 def run_stage(main: Callable[..., Any]) -> None:
     """Run a stage's typer `main` as a script (`python -m stages.<name>`)."""
+    silence_library_bars()
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    # A declared-but-unimplemented stage takes no options: accept dvc.yaml's arguments so that it
-    # reaches its own "not implemented yet" error instead of a usage error.
-    lenient = {"ignore_unknown_options": True, "allow_extra_args": True}
-    app.command(context_settings=lenient if not inspect.signature(main).parameters else None)(main)
+    app.command()(main)
     stage = _stage_name(main)
     _fail_once(stage)
     run_app(app, prog=f"far {stage}")
