@@ -91,3 +91,10 @@ def test_yaml_12_as_dvc_writes_it(params_file):
     path.write_text(path.read_text().replace("mixed_precision: 'no'", "mixed_precision: no"))
     assert "mixed_precision: no\n" in path.read_text()
     assert load_params(path).train.mixed_precision == "no"
+
+
+def test_real_scale_config_validates():
+    params = load_params(ROOT / "configs/sd21-gpu.yaml")
+    assert params.model.pretrained == "stabilityai/stable-diffusion-2-1-base" and params.model.resolution == 512
+    assert params.train.mixed_precision == "bf16" and params.segment.backend == "rembg"
+    assert (params.eval.clip_model, params.eval.dino_model) == ("ViT-B/32", "facebook/dino-vits16")
