@@ -7,7 +7,7 @@ readable with plain `pandas.read_parquet` / `pyarrow` and small enough to stream
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +118,29 @@ def write_training_set(rows: Iterable[dict[str, Any]], path: Path | str, row_gro
     return count
 
 
-def open_training_set(path: Path | str) -> pq.ParquetFile:
-    """Open the training Parquet, checking it has the contract's columns (names the file if not)."""
+def open_stage_parquet(
+    path: Path | str, columns: Sequence[str], what: str, stage: str, error: type[InvalidInputError] = InvalidInputError
+) -> pq.ParquetFile:
+    """Open a stage's Parquet output (metadata only), checked: it exists, is readable and has `columns`.
+
+    Errors name the file, what it should be and the stage that makes it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise InvalidInputError(f"{path}: training set not found (run the `fuse` stage)")
+        raise error(f"{path}: {what} not found (run the `{stage}` stage)")
     try:
         file = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidInputError(f"{path}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in COLUMNS if c not in file.schema_arrow.names]
+        raise error(f"{path}: corrupt {what}, not a readable Parquet file ({exc})") from None
+    missing = [c for c in columns if c not in file.schema_arrow.names]
     if missing:
-        raise InvalidInputError(f"{path}: missing columns {missing} of the fusion data contract")
+        raise error(f"{path}: {what} is missing columns {missing} (has {file.schema_arrow.names})")
     return file
+
+
+def open_training_set(path: Path | str) -> pq.ParquetFile:
+    """Open the training Parquet, checking it has the fusion data contract's columns."""
+    return open_stage_parquet(path, COLUMNS, "training set", "fuse")
 
 
 def iter_rows(path: Path | str, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from far.composite import crop_resize, inpaint_background, mask_bbox, resize, resize_mask, square_box
 from far.config import ConceptsConfig, FusionConfig
+from far.dataset import open_stage_parquet
 from far.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -85,18 +84,9 @@ class Assets:
 
 def read_manifest(folder: Path, what: str) -> list[dict]:
     """The rows of `<folder>/manifest.parquet`, checked for the columns Concept Fusion needs."""
-    path = Path(folder) / MANIFEST
     stage = "segment" if what == "segmented" else "priors"
-    if not path.is_file():
-        raise FusionInputError(f"{path}: {what} manifest not found (run the `{stage}` stage)")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise FusionInputError(f"{path}: corrupt {what} manifest, not readable as Parquet ({exc})") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
-    if missing:
-        raise FusionInputError(f"{path}: {what} manifest lacks columns {missing}")
-    return table.select(list(MANIFEST_COLUMNS)).to_pylist()
+    file = open_stage_parquet(Path(folder) / MANIFEST, MANIFEST_COLUMNS, f"{what} manifest", stage, FusionInputError)
+    return file.read(columns=list(MANIFEST_COLUMNS)).to_pylist()
 
 
 def _read_pair(folder: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from far.config import ConceptsConfig, EvalConfig, SegmentConfig
+from far.dataset import open_stage_parquet
 from far.errors import InvalidInputError
 
 MANIFEST = "manifest.parquet"
@@ -89,12 +90,7 @@ class Sample:
 def read_samples(samples: Path, concepts: ConceptsConfig) -> list[Sample]:
     """Validate and read the sample manifest; every image and attention file must exist."""
     manifest = Path(samples) / MANIFEST
-    if not manifest.is_file():
-        raise InvalidInputError(f"{manifest}: no sample manifest (run the `sample` stage)")
-    df = pd.read_parquet(manifest)
-    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
-    if missing:
-        raise InvalidInputError(f"{manifest}: missing columns {missing} (has {list(df.columns)})")
+    df = open_stage_parquet(manifest, SAMPLE_COLUMNS, "sample manifest", "sample").read().to_pandas()
     if df.empty:
         raise InvalidInputError(f"{manifest}: no samples")
     known = {c.name for c in concepts.subjects}
@@ -130,12 +126,7 @@ class Reference:
 def read_references(segmented: Path, concepts: ConceptsConfig) -> dict[str, list[Reference]]:
     """Reference images per concept from the segment stage's manifest; every concept must have one."""
     manifest = Path(segmented) / MANIFEST
-    if not manifest.is_file():
-        raise InvalidInputError(f"{manifest}: no segmentation manifest (run the `segment` stage)")
-    df = pd.read_parquet(manifest)
-    missing = [c for c in REFERENCE_COLUMNS if c not in df.columns]
-    if missing:
-        raise InvalidInputError(f"{manifest}: missing columns {missing} (has {list(df.columns)})")
+    df = open_stage_parquet(manifest, REFERENCE_COLUMNS, "segmentation manifest", "segment").read().to_pandas()
     refs: dict[str, list[Reference]] = {c.name: [] for c in concepts.subjects}
     for row in df.to_dict("records"):
         if row["concept"] in refs:

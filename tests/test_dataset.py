@@ -76,7 +76,7 @@ def test_bad_rows_fail_and_leave_no_file(tmp_path: Path):
 def test_unreadable_file_is_named(tmp_path: Path):
     bad = tmp_path / "train.parquet"
     bad.write_bytes(b"not parquet")
-    with pytest.raises(InvalidInputError, match="train.parquet: not a readable Parquet"):
+    with pytest.raises(InvalidInputError, match="train.parquet: corrupt training set, not a readable Parquet"):
         open_training_set(bad)
     with pytest.raises(InvalidInputError, match="run the `fuse` stage"):
         open_training_set(tmp_path / "missing.parquet")

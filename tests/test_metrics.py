@@ -157,7 +157,7 @@ def test_read_samples_and_references_follow_the_contracts(tmp_path: Path, concep
 
 
 def test_bad_manifests_name_the_file_and_problem(tmp_path: Path, concepts) -> None:
-    with pytest.raises(InvalidInputError, match="no sample manifest"):
+    with pytest.raises(InvalidInputError, match="sample manifest not found"):
         read_samples(tmp_path, concepts)
     samples = make_samples(tmp_path / "samples", seeds=(0,))
     (samples / "001_0.png").unlink()
@@ -170,6 +170,9 @@ def test_bad_manifests_name_the_file_and_problem(tmp_path: Path, concepts) -> No
         read_samples(samples, concepts)
     df.to_parquet(samples / "manifest.parquet")
     with pytest.raises(InvalidInputError, match="row 0: kind 'multi' does not fit 1 concept"):
+        read_samples(samples, concepts)
+    (samples / "manifest.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(InvalidInputError, match=r"manifest\.parquet: corrupt sample manifest, not a readable Parquet"):
         read_samples(samples, concepts)
     seg = make_segmented(tmp_path / "seg", n=1)
     refs = pd.read_parquet(seg / "manifest.parquet")
