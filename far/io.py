@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 def _tmp_sibling(final: Path, is_dir: bool) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +97,3 @@ def write_text(path: Path | str, text: str) -> None:
 def write_json(path: Path | str, obj: Any) -> None:
     """Deterministic JSON (sorted keys, fixed indent, trailing newline) so DVC hashes are stable."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def write_yaml(path: Path | str, obj: Any) -> None:
-    write_text(path, yaml.safe_dump(obj, sort_keys=False))

@@ -40,11 +40,6 @@ def save_jpeg(rgb: np.ndarray, path: Path, quality: int = 90) -> None:
     Image.fromarray(rgb).save(path, format="JPEG", quality=quality)
 
 
-def save_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG", optimize=False)
-
-
 def outline(rgb: np.ndarray, masks: list[np.ndarray], tint: float = 0.25) -> np.ndarray:
     """`rgb` with each {0,1} mask (same H, W) tinted and outlined in its own PALETTE colour."""
     out = rgb.astype(np.float32)
