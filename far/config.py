@@ -108,8 +108,8 @@ class ConceptsConfig(Section):
 class SegmentConfig(Section):
     """Subject masks for reference (and prior) images; backends in far/segment.py, loading in far/images.py."""
 
-    backend: Literal["grabcut", "rembg", "provided", "auto"] = "grabcut"
-    rembg_model: Annotated[str, Field(min_length=1)] = "u2net"  # any rembg model name
+    backend: Literal["grabcut", "rembg", "provided", "auto"] = "auto"  # auto: rembg if its model is here
+    rembg_model: Annotated[str, Field(min_length=1)] = "u2netp"  # any rembg model name; `far weights` installs u2netp
     rembg_model_path: Path | None = None  # explicit `<rembg_model>.onnx`; else where rembg keeps its models
     provided_suffix: str = "_mask.png"  # `provided`: masks next to the images, `<stem><suffix>`
     min_area: Fraction = 0.01  # below this mask area fraction the mask is flagged `empty`

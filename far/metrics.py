@@ -318,7 +318,7 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
     metrics["backbones"] = {
         "clip": clip_bb.name, "dino": dino_bb.name, "clip_sha256": clip_bb.sha256, "dino_sha256": dino_bb.sha256,
         "identity": (f"dino crops of {cfg.regions} regions (" + (f"threshold {cfg.region_threshold}"
-                     if segmenter is None else f"segment backend {segmenter.backend}") +
+                     if segmenter is None else f"segment backend {segmenter.label}") +
                      f", padding {cfg.crop_padding})"),
     }
     scores = [c for c in per_image.columns if c in PER_IMAGE_SCORES]

@@ -101,6 +101,6 @@ def write_priors(
         for (word, i, prompt, seed), rgb in progress(zip(specs, images, strict=True), "priors", total=len(specs)):
             mask = segmenter(rgb)  # (H, W) bool at the generated resolution
             rel = save_subject(tmp, f"{word}/{i:03d}", rgb, mask)
-            rows.append(manifest_row("", word, f"{prompt}|seed={seed}", rel, mask, segmenter.backend, segment))
+            rows.append(manifest_row("", word, f"{prompt}|seed={seed}", rel, mask, segmenter.label, segment))
         write_manifest(rows, tmp / "manifest.parquet")
     return rows

@@ -98,6 +98,7 @@ def test_an_empty_attention_map_is_a_missed_subject(tmp_path, segmented, cfg, ba
 
 def test_segment_regions_split_the_segmented_subjects_by_attention(tmp_path, segmented, cfg, backbones) -> None:
     cfg.eval.regions, cfg.eval.crop_padding = "segment", 0.0
+    cfg.segment.backend = "grabcut"  # the synthetic samples' plain background; the default would take u2netp
     samples = make_samples(tmp_path / "samples", seeds=(0,))
     metrics, tables, _ = evaluate(samples, segmented, cfg.concepts, cfg.eval, tmp_path, backbones=backbones,
                                   segment=cfg.segment)

@@ -12,6 +12,7 @@ import pytest
 from far.config import ConceptsConfig, ConceptSpec, PriorsConfig, TinyModelConfig, load_params
 from far.models import load_base_pipeline, prepare_base_model
 from far.priors import class_words, generate, prior_seed, prior_specs
+from far.segment import Segmenter
 from tests.conftest import ROOT, run
 
 
@@ -71,8 +72,9 @@ def test_priors_stage_end_to_end(tmp_path, params_file):
     assert manifest.column_names == seg_columns
     rows = manifest.to_pylist()
     assert [r["image"] for r in rows] == ["dog/000.png", "dog/001.png", "dog/002.png"]
+    backend = Segmenter(load_params(params).segment).label  # the references' backend (auto: u2netp if installed)
     for i, r in enumerate(rows):
-        assert r["concept"] == "" and r["class_word"] == "dog" and r["backend"] == "grabcut"
+        assert r["concept"] == "" and r["class_word"] == "dog" and r["backend"] == backend
         assert r["source"] == f"a photo of a dog|seed={prior_seed(1, 'dog', i)}"
         rgb = cv2.imread(str(out / r["image"]), cv2.IMREAD_UNCHANGED)
         mask = cv2.imread(str(out / r["mask"]), cv2.IMREAD_UNCHANGED)

@@ -24,6 +24,7 @@ from far.segment import (
     Segmenter,
     SegmentError,
     bbox,
+    find_rembg_model,
     mask_quality,
     rembg_model_candidates,
     segment,
@@ -153,6 +154,34 @@ def test_bbox_has_exclusive_end():
 
 
 # ------------------------------------------------------------------------------------------------ rembg
+U2NETP = find_rembg_model(SegmentConfig(rembg_model="u2netp"))
+needs_u2netp = pytest.mark.skipif(U2NETP is None, reason="u2netp weights not installed (`make weights`)")
+
+
+@needs_u2netp
+def test_default_u2netp_matches_careful_masks_where_grabcut_fails():
+    """The default backend (auto -> rembg u2netp) on three real tune photos where co-segmented GrabCut is below 0.7
+    (a small candle, a backpack in front of a window, a white bowl on white cloth: bench/segment_quality.py)."""
+    spec = json.loads((ROOT / "bench/data/segment/outlines.json").read_text())
+    seg = Segmenter(SegmentConfig())
+    assert seg.backend == "rembg" and seg.label == "rembg:u2netp@sha256:309c8469258d"
+    for name in ("candle/00.jpg", "backpack_dog/00.jpg", "berry_bowl/00.jpg"):
+        rgb = load_rgb(DREAMBENCH / name)
+        ref = outline_reference(rgb, spec["splits"]["tune"][name], spec["band_px"])
+        mask = seg(rgb)
+        assert iou(mask, ref) > 0.85, name
+        assert iou(segment_grabcut(rgb), ref) < 0.7, name
+        assert np.array_equal(mask, seg(rgb))  # deterministic
+
+
+@needs_u2netp
+def test_default_stage_records_the_weights_it_used(tmp_path: Path, params_file):
+    out = tmp_path / "segmented"
+    run([sys.executable, "-m", "stages.segment", "--out", str(out), "--params", str(params_file())], ROOT)
+    df = check_layout(out, 10)
+    assert set(df.backend) == {"rembg:u2netp@sha256:309c8469258d"} and (df.quality == "ok").all()
+
+
 def test_rembg_missing_model_fails_fast_and_names_where_it_looked(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("U2NET_HOME", str(tmp_path / "u2net"))
     rgb = load_rgb(CONCEPTS / "dog" / "00.jpg")
@@ -231,9 +260,14 @@ def check_layout(out: Path, n: int, base: Path = ROOT) -> pd.DataFrame:
     return df
 
 
+def grabcut_params(data):
+    data["segment"]["backend"] = "grabcut"
+
+
 def test_stage_on_the_shipped_concepts(tmp_path: Path, params_file):
     out = tmp_path / "segmented"
-    proc = run([sys.executable, "-m", "stages.segment", "--out", str(out), "--params", str(params_file())], ROOT)
+    params = str(params_file(grabcut_params))
+    proc = run([sys.executable, "-m", "stages.segment", "--out", str(out), "--params", params], ROOT)
     assert "segment: 10 reference images of 2 concepts" in proc.stdout
     df = check_layout(out, 10)
     assert sorted(df.concept.unique()) == ["dog", "dog3"] and set(df.class_word) == {"dog"}
