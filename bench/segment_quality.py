@@ -10,12 +10,12 @@ Writes reports/bench/segment_quality.json (per-image IoU and seconds, mean/min p
 first method (the default backend) reports/bench/segment_quality.png (green: prediction, magenta: reference).
 
 Reference masks (no SAM here, so we built our own; see bench/data/segment/README.md):
-- `tune` / `heldout` / `fresh`: real DreamBench photos (../shared/datasets/dreambench, CC-BY-4.0) with hand-drawn
-  outlines (bench/data/segment/outlines.json) snapped to the true edge by GrabCut restricted to an 8 px band around
-  the drawn outline. `tune` was looked at while developing far/grabcut.py; `heldout` only to report (but its
-  failures were seen); `fresh` was outlined later by another annotator who never saw any method's output, and
-  nothing was chosen after looking at it. Outlines are polygons without holes (a teapot handle's opening counts
-  as subject), which a careful mask would not do.
+- `tune` / `heldout` / `fresh` / `fresh2`: real DreamBench photos (../shared/datasets/dreambench, CC-BY-4.0) with
+  hand-drawn outlines (bench/data/segment/outlines.json) snapped to the true edge by GrabCut restricted to an 8 px
+  band around the drawn outline. `tune` was looked at while developing far/grabcut.py; `heldout` only to report
+  (but its failures were seen); `fresh` and `fresh2` were outlined later by annotators who never saw any method's
+  output, and nothing was chosen after looking at them. The `tune`/`heldout` outlines are polygons without holes
+  (a teapot handle's opening counts as subject); the `fresh`/`fresh2` outlines cut large holes out.
 - `composite`: real subject cut-outs with an exact alpha (DreamBench `red_cartoon`, drawn on white) pasted onto
   real background crops of other DreamBench photos: the reference is exact by construction. Co-segmented with the
   other `red_cartoon` photos (not the one pasted).
@@ -177,7 +177,7 @@ def main(
         "what": "IoU of the default backend (rembg u2netp, if installed), far.cosegment.segment_concept (with the "
                 "subject's other photos), far.grabcut.segment_grabcut (alone) and plain rect GrabCut vs careful "
                 "reference masks; seconds are per image",
-        "reference": "tune/heldout/fresh: hand outlines snapped by band-limited GrabCut (bench/data/segment); "
+        "reference": "tune/heldout/fresh/fresh2: hand outlines snapped by band-limited GrabCut (bench/data/segment); "
                      "composite: exact alpha of cut-outs pasted on real background crops",
         "machine": f"{os.cpu_count()} CPU cores (shared), OpenCV {cv2.__version__}, 1 OpenCV thread, "
                    "1 onnxruntime thread",
