@@ -7,6 +7,7 @@ output (if any) stays untouched until the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -92,6 +93,15 @@ def write_bytes(path: Path | str, data: bytes) -> None:
 
 def write_text(path: Path | str, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (model files can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: Path | str, obj: Any) -> None:

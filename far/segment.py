@@ -30,7 +30,7 @@ from far.config import ConceptsConfig, SegmentConfig
 from far.errors import InvalidInputError
 from far.grabcut import segment_grabcut
 from far.images import load_folder, load_rgb
-from far.io import atomic_dir, write_bytes
+from far.io import atomic_dir, file_sha256, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ class RembgSegmenter:
         if path.name != f"{cfg.rembg_model}.onnx":
             raise SegmentError(f"segment.rembg_model_path {path}: the file must be named {cfg.rembg_model}.onnx "
                                f"(rembg finds a model by its name)")
-        from far.weights import sha256_of
-
-        self.sha256 = sha256_of(path)
+        self.sha256 = file_sha256(path)
         if cfg.rembg_model_path is not None:
             os.environ["U2NET_HOME"] = str(path.parent.resolve())  # rembg's legacy lookup: <U2NET_HOME>/<name>.onnx
         try:

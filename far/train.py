@@ -26,6 +26,7 @@ from far.concepts import add_concept_tokens, keep_grad_only_on_rows, trained_tok
 from far.config import ConceptsConfig, TrainConfig
 from far.delta import EMBEDDING_KEY, save_delta
 from far.errors import FarError
+from far.io import file_sha256
 from far.losses import attention_in_mask, diffusion_target, per_sample_mse, refine_losses, split_prior
 from far.modules import describe, select_trainable
 from far.trainset import Batch, RowPreparer, RowStream
@@ -35,14 +36,6 @@ METRICS = ("loss", "diffusion", "prior", "refine", "exclusivity", "attn_in_mask"
 
 class TrainingDivergedError(FarError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_record(base: Path) -> dict[str, Any]:

