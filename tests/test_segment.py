@@ -1,4 +1,4 @@
-"""far/segment.py, far/grabcut.py and stages/segment.py on real photos (data/concepts, shared DreamBench)."""
+"""far/segment.py, far/grabcut.py and stages/segment.py on real photos (data/concepts, tests/data/dreambench)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from segment_quality import outline_reference  # noqa: E402
 
 CONCEPTS = ROOT / "data" / "concepts"
-DREAMBENCH = ROOT.parent / "shared" / "datasets" / "dreambench"
+DREAMBENCH = ROOT / "tests" / "data" / "dreambench"  # the DreamBench photos these tests read (CC-BY-4.0, README there)
 MANIFEST_COLUMNS = ["concept", "class_word", "source", "image", "mask", "cutout", "width", "height",
                     "area_fraction", "bbox", "backend", "quality"]
 
@@ -60,7 +60,6 @@ def test_grabcut_matches_a_careful_mask_on_a_shipped_photo():
     assert np.array_equal(mask, segment_grabcut(rgb))  # deterministic (seeded OpenCV RNG)
 
 
-@pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="shared DreamBench copy not present")
 def test_grabcut_is_exact_on_a_cutout_with_known_alpha_where_rect_grabcut_fails():
     cartoon = load_rgb(DREAMBENCH / "red_cartoon" / "00.jpg")  # drawn on white: the alpha is exact
     alpha = (255 - cartoon.min(axis=2)) > 40
@@ -115,7 +114,6 @@ def test_cosegment_coarse_keeps_a_lone_picture():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="shared DreamBench copy not present")
 def test_the_subjects_other_photos_fix_a_mask_single_image_grabcut_gets_wrong():
     """DreamBench teapot/04 (bench `tune` split): alone, GrabCut keeps the stone block under the teapot. With the
     teapot's other photos (no block there) the shared colour model removes it; with another subject's photos
