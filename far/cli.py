@@ -37,10 +37,20 @@ for _stage in STAGES:
 
 @app.command("check-params")
 def check_params(params: str = typer.Argument(str(DEFAULT_PARAMS), help="params file to validate")) -> None:
-    """Validate a params file against the typed config; print the sections it defines."""
+    """Validate a params file and the concept images it names, as the stages will; exit 2 when they would fail.
+
+    `make run` and the Prefect flows run this before DVC touches anything: DVC deletes a stage's outputs
+    before running it, so a typo caught by the stage itself would cost the old outputs (`dvc checkout`).
+    """
+    from far.images import load_folder
+
     cfg = load_params(params)
+    exclude = cfg.segment.provided_suffix if cfg.segment.backend == "provided" else None
+    counts = {c.name: len(load_folder(c.images, cfg.segment.on_bad_image, exclude_suffix=exclude))
+              for c in cfg.concepts.subjects}  # what the segment stage loads: empty, corrupt, duplicate files
     print(f"{params}: ok ({len(cfg.concepts.subjects)} concepts: "
-          + ", ".join(f"{c.name}={c.token} {c.class_word}" for c in cfg.concepts.subjects) + ")")
+          + ", ".join(f"{c.name}={c.token} {c.class_word} ({counts[c.name]} images)" for c in cfg.concepts.subjects)
+          + ")")
 
 
 @app.command("weights")
@@ -58,3 +68,7 @@ def weights(
 def main() -> None:
     """Console-script entry point."""
     run_app(app, prog="far")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,19 @@ def orchestrate_config(root: Path) -> OrchestrateConfig:
         problems = [f"orchestrate.{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
                     for e in exc.errors()]
         raise ParamsError(f"{path}: " + "; ".join(problems)) from None
+
+
+def check_params(root: Path) -> None:
+    """`far check-params` in the project (concept folders are relative to it), before DVC touches anything.
+
+    DVC deletes a stage's outputs before running its command, so bad params found by the stage itself would
+    cost the old outputs; here they raise ParamsError (exit code 2, never retried) with the one-line message.
+    """
+    proc = subprocess.run([sys.executable, "-m", "far.cli", "check-params", PARAMS], cwd=root,
+                          env=subprocess_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+        raise ParamsError(f"{root}: {lines[-1].removeprefix('far: error: ')}")
 
 
 def _check_stage_names(cfg: OrchestrateConfig, graph: StageGraph) -> None:
@@ -199,6 +213,7 @@ def far_pipeline(project: str = ".", targets: list[str] | None = None) -> dict[s
     """
     root = Path(project).resolve()
     cfg = orchestrate_config(root)
+    check_params(root)
     graph = stage_graph(root)
     _check_stage_names(cfg, graph)
     remote = configure_remote(root, cfg.remote)
@@ -284,6 +299,7 @@ def ablation(project: str = ".", variants: list[str] | None = None, grid: str | 
     logger = get_run_logger()
     root = Path(project).resolve()
     cfg = orchestrate_config(root)
+    check_params(root)
     grid_path = root / (grid or cfg.ablations)
     chosen = grid_lib.load_grid(grid_path, root / PARAMS)
     if variants is not None:

@@ -85,6 +85,23 @@ def test_stage_exits_nonzero_with_one_line(params_file, tmp_path: Path):
     assert not (tmp_path / "base").exists()
 
 
+def test_check_params_checks_the_concept_images_as_the_segment_stage_does(params_file, tmp_path: Path):
+    check = [sys.executable, "-m", "far.cli", "check-params"]
+    ok = run([*check, str(params_file())], cwd=ROOT)
+    assert "dog=<far-dog> dog (5 images)" in ok.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run([*check, str(params_file(lambda d: d["concepts"]["subjects"][1].__setitem__("images", str(empty))))],
+               cwd=ROOT, check=False)
+    assert proc.returncode == 2 and f"{empty}: concept image folder is empty" in proc.stderr, proc.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "00.jpg").write_bytes(b"not a jpeg")
+    proc = run([*check, str(params_file(lambda d: d["concepts"]["subjects"][0].__setitem__("images", str(broken))))],
+               cwd=ROOT, check=False)
+    assert proc.returncode == 2 and "00.jpg: not an image file" in proc.stderr, proc.stderr
+
+
 def test_yaml_12_as_dvc_writes_it(params_file):
     # `dvc exp run -S ...` rewrites params.yaml as YAML 1.2: the string "no" comes back unquoted.
     path = params_file(lambda d: d["train"].__setitem__("mixed_precision", "no"))

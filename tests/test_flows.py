@@ -203,23 +203,26 @@ def test_transient_failure_is_retried_and_run_is_recorded(prefect_server, tmp_pa
     assert artifacts["far-report"].data == f"[reports/index.html]({(root / 'reports/index.html').as_uri()})"
 
 
-def test_invalid_params_fail_once_without_retry_naming_the_stage(prefect_server, tmp_path: Path):
-    from pipelines.dvc_cli import StageFailed
+def test_invalid_params_stop_the_flow_before_dvc_deletes_any_output(prefect_server, tmp_path: Path):
+    from far.config import ParamsError
+    from far.errors import INVALID_INPUT
     from pipelines.flows import far_pipeline
 
-    root = _reduced_project(tmp_path / "p", upstream="base_model")
+    root = _reduced_project(tmp_path / "p")
+    assert far_pipeline(project=str(root)) == {"prepare": "ran", "score": "ran"}
+    before = (root / "models/base/weights.bin").read_bytes()
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"]["resolution"] = 100
+    params["model"]["seed"] = 9  # `prepare` would re-run (and DVC delete models/base first) if the check let it
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     state = far_pipeline(project=str(root), return_state=True)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
-    assert isinstance(error, StageFailed) and not error.retryable
-    assert "stage 'base_model'" in str(error) and "model.resolution: 100 is invalid" in str(error)
-    tasks = _task_runs(state.state_details.flow_run_id)
-    assert tasks["base_model"].run_count == 1  # retries: 2 configured, none used
-    assert "score" not in tasks
+    assert isinstance(error, ParamsError) and error.exit_code == INVALID_INPUT
+    assert "model.resolution: 100 is invalid" in str(error) and "\n" not in str(error)
+    assert _task_runs(state.state_details.flow_run_id) == {}  # no stage started
+    assert (root / "models/base/weights.bin").read_bytes() == before
 
 
 def test_ablation_runs_variants_as_experiments_with_upstream_from_cache(prefect_server, tmp_path: Path):
