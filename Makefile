@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is installed first and pinned so pip never swaps in another (multi-GB) build.
 TORCH  := "torch==2.14.1" "torchvision==0.29.1"
 
-.PHONY: run test lint install weights browser clean-venv
+.PHONY: run exps test lint install weights browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +24,19 @@ install: $(VENV)/.installed
 weights: $(VENV)/.installed
 	@$(BIN)/far weights u2netp || echo "warning: segmentation weights not installed; segment will use GrabCut"
 
-# dvc.yaml's commands call `python`: the venv's bin comes first on PATH.
+# dvc.yaml's commands call `python`: the venv's bin comes first on PATH. Params (and the concept images) are
+# checked first: DVC deletes a stage's outputs before running it, so a typo must stop us before DVC starts.
 run: $(VENV)/.installed weights
+	$(BIN)/far check-params params.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo ""
 	@echo "Report:  $(CURDIR)/reports/index.html"
 	@echo "Metrics: $(CURDIR)/reports/metrics.json"
+
+# The experiments side by side at a glance: changed params, headline metrics (README, "Ablations and experiments").
+EXPS_DROP := Created|per_concept\.|.*n_images|.*leakage_pairs|.*_seconds
+exps: $(VENV)/.installed
+	$(BIN)/dvc exp show --only-changed --drop '$(EXPS_DROP)' $(ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
