@@ -30,7 +30,7 @@ from far.config import ConceptsConfig, SegmentConfig
 from far.errors import InvalidInputError
 from far.grabcut import segment_grabcut
 from far.images import load_folder, load_rgb
-from far.io import atomic_dir, file_sha256, write_bytes
+from far.io import atomic_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,9 @@ def segment_concepts(concepts: ConceptsConfig, cfg: SegmentConfig, out: Path) ->
 
 
 def segment_files(inputs: list[Path], out: Path, cfg: SegmentConfig, backend: str | None = None) -> list[dict]:
-    """Standalone use: for each image (or each image in a folder) write `out/<stem>.png` (binary mask, L {0,255})
-    and `out/<stem>_cutout.png` (RGBA). Returns one record per image (source, mask, cutout, area, quality).
+    """Standalone use: for each image (or each image in a folder) write `out/<stem>.png` (RGB), `<stem>_mask.png`
+    (binary mask, L {0,255}) and `<stem>_cutout.png` (RGBA), the stage's naming (`save_subject`). Returns one
+    record per image (source, mask, cutout, area, quality).
     A folder is taken as one concept (its photos are co-segmented, see `Segmenter.concept`); files one by one."""
     segmenter = Segmenter(cfg, backend)
     exclude = cfg.provided_suffix if segmenter.backend == "provided" else None
@@ -310,16 +311,15 @@ def segment_files(inputs: list[Path], out: Path, cfg: SegmentConfig, backend: st
         if path.stem in stems:
             raise InvalidInputError(f"{path}: same file stem as {stems[path.stem]}; outputs would collide in {out}")
         stems[path.stem] = path
-        if any((out / f"{path.stem}{end}").resolve() == path.resolve() for end in (".png", "_cutout.png")):
+        if any((out / f"{path.stem}{end}").resolve() == path.resolve() for end in (".png", "_mask.png", "_cutout.png")):
             raise InvalidInputError(f"{path}: writing its mask to {out} would overwrite it; choose another --out")
     # all computed before anything is written
     masks = [m for g in groups for m in segmenter.concept([rgb for _, rgb in g], [path for path, _ in g])]
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for (path, rgb), mask in zip(images, masks, strict=True):
-        write_bytes(out / f"{path.stem}.png", _png(mask))
-        write_bytes(out / f"{path.stem}_cutout.png", _png(cutout(rgb, mask)))
-        records.append({"source": str(path), "mask": str(out / f"{path.stem}.png"),
-                        "cutout": str(out / f"{path.stem}_cutout.png"), "area_fraction": float(mask.mean()),
+        rel = save_subject(out, path.stem, rgb, mask)
+        records.append({"source": str(path), "mask": str(out / rel["mask"]),
+                        "cutout": str(out / rel["cutout"]), "area_fraction": float(mask.mean()),
                         "quality": mask_quality(mask, cfg.min_area, cfg.max_area), "backend": segmenter.label})
     return records

@@ -1,8 +1,8 @@
 """DVC stage `segment`: cut every concept's reference subjects out -> masks, RGBA cut-outs, manifest.parquet.
 
 Stage mode (dvc.yaml): `python -m stages.segment --out data/segmented`. Standalone mode, when image files or
-folders are given: `far segment IMAGE_OR_DIR... --out DIR [--backend NAME]` writes `DIR/<stem>.png` (binary
-mask) and `DIR/<stem>_cutout.png` (RGBA) per image.
+folders are given: `far segment IMAGE_OR_DIR... --out DIR [--backend NAME]` writes `DIR/<stem>.png` (RGB),
+`<stem>_mask.png` (binary mask) and `<stem>_cutout.png` (RGBA) per image, as the stage names them.
 """
 
 from __future__ import annotations

@@ -335,8 +335,10 @@ def test_standalone_far_segment_command(tmp_path: Path, monkeypatch):
                                       "--backend", "grabcut"])
     assert result.exit_code == 0, result.output
     assert "segment: 2 images" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["03.png", "03_cutout.png", "a.png", "a_cutout.png"]
-    mask = png(out / "03.png")
+    assert sorted(p.name for p in out.iterdir()) == ["03.png", "03_cutout.png", "03_mask.png",
+                                                     "a.png", "a_cutout.png", "a_mask.png"]  # the stage's naming
+    assert np.array_equal(png(out / "03.png")[..., ::-1], load_rgb(CONCEPTS / "dog3" / "03.jpg"))
+    mask = png(out / "03_mask.png")
     assert np.array_equal(mask > 0, segment_grabcut(load_rgb(CONCEPTS / "dog3" / "03.jpg")))
     assert np.array_equal(png(out / "03_cutout.png")[..., 3], mask)
     Image.open(files / "a.jpg").save(files / "b.png")
