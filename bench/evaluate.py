@@ -90,7 +90,7 @@ def main() -> None:
         "backbone_load_seconds": round(load_seconds, 3),
         "embeddings_per_pass": {k: runs[0][f"embeddings_computed_{k}"] for k in ("clip", "dino")},
         "identity_crops": runs[0]["identity_crops"],
-        "backbones": {"clip": metrics["backbones"]["clip"], "dino": metrics["backbones"]["dino"]},
+        "backbones": {k: runs[0]["backbones"][k] for k in ("clip", "dino", "subject_finder")},
         "batch_size": cfg.batch_size,
         "inputs": inputs,
         "device": str(device),

@@ -270,9 +270,14 @@ class EvalConfig(Section):
     batch_size: PositiveInt = 16  # images per backbone forward pass
     tiny_seed: int = 0  # seed of the tiny backbones (ignored for real ones)
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"  # auto = cuda if available
-    regions: Literal["attention", "segment"] = "attention"  # how subjects are found in multi-concept samples
-    region_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # region = its min-max-scaled map >= this
+    subject_finder: Literal["segment", "owlv2"] = "segment"  # finds subjects from pixels only (far/subjects.py)
+    detector_model: str = "google/owlv2-base-patch16-ensemble"  # subject_finder owlv2: HF id or local directory
+    detector_threshold: Fraction = 0.1  # subject_finder owlv2: lowest box score kept
+    min_subject_area: Fraction = 0.01  # subject_finder segment: smaller foreground components are dropped
     crop_padding: Fraction = 0.1  # identity crops: bbox grown by this fraction of its side on each side
+    # attn_* diagnostics only (they read the attention maps that training optimises):
+    regions: Literal["attention", "segment"] = "attention"  # a concept's region: its map, or the foreground split
+    region_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # region = its min-max-scaled map >= this
 
 
 # ---------------------------------------------------------------------------------------------- report

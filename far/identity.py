@@ -1,29 +1,40 @@
-"""Multi-concept identity (detect, crop, compare) and attention leakage, from each concept token's attention map.
+"""Multi-concept identity (find subjects from pixels, assign, compare) and the attention diagnostics (`attn_*`).
 
-In an image that should show concepts k = 1..K, the sample stage saved, per concept, its token's
-cross-attention map M_k (soft, max-normalised to [0, 1], at the attention resolution S x S, averaged over
-heads, layers and steps). Here:
+**Identity** (the verdict; after MuDI's Detect-and-Compare). In an image that should show concepts
+k = 1..K, a subject finder (far/subjects.py, `eval.subject_finder`) that never sees the attention maps
+returns instances; each instance's bbox crop (grown by `eval.crop_padding`) is compared (DINO, mean cosine
+over the references, each reference cropped to its segmentation bbox) with EVERY concept's references,
+giving a similarity row s_i over concepts. Instances are assigned to the prompt's K concepts by the
+Hungarian algorithm on those similarities (`assign`: one instance per concept, total similarity maximal).
+Concept k is *identified* when it got an instance whose highest similarity is k's own;
+`identity_accuracy` is the share of (image, concept) pairs identified, `identity_mixing` is
+max_{j != k} s_j / s_k of k's instance (>= 1: the instance looks at least as much like another concept),
+`identity_margin` s_k - max_{j != k} s_j. A concept left without an instance (fewer found than asked) is
+not identified and has no mixing value. Identity measures "does each concept appear, looking more like
+itself than like the others"; it cannot tell a subject drawn with the other's attributes from a
+half-and-half chimera if the chimera still looks most like one concept, and it is only as good as the
+finder (touching subjects are one instance for `segment`) and the embedding.
 
-- **Region** of concept k, by `eval.regions`:
-  `attention` (default): R_k = {(M_k - min M_k) / (max M_k - min M_k) >= eval.region_threshold}, a {0,1}
-  mask at S x S (min-max scaled: the maps have a near-uniform floor);
-  `segment`: the generated image's foreground mask F from far.segment (backend `segment.backend`), each
-  foreground pixel given to the concept whose (bilinearly upsampled) map is largest there, R_k = F and
-  argmax_j M_j = k, a {0,1} mask at image resolution. R_k is the concept's region for the leakage metric;
-  for identity, the 4-connected component of R_k holding the most attention mass is the detected subject,
-  its bounding box (scaled to image pixels, grown by `eval.crop_padding`) the crop.
-- **Identity** (the peer is MuDI's Detect-and-Compare, which detects subjects with OWLv2 and compares them
-  with DreamSim): each crop is compared with every concept's reference subjects (DINO, mean cosine over the
-  references, each reference cropped to its segmentation bbox), giving a similarity row s_k over concepts.
-  The crop is *identified* when argmax_j s_kj = k; `identity_accuracy` is the share identified; the
-  `identity_mixing` score is max_{j != k} s_kj / s_kk (1 = the crop is as similar to another concept as to
-  its own, > 1 = more), and `identity_margin` is s_kk - max_{j != k} s_kj. Unlike MuDI we do not run a
-  detector: the model's own attention says which region is meant to be which concept, so no matching step
-  is needed. Our choice; a concept whose map is all zero counts as not found (wrong, no mixing value).
-- **Leakage** of A into B: share of A's attention mass inside B's region, sum(M_A * R_B) / sum(M_A) (at the
-  regions' resolution), for
-  every ordered pair of concepts in the image (so A->B and B->A are both reported). 0 = none; when both
-  tokens attend the same place it approaches the share of A's mass that lies on that place.
+**Attention diagnostics** (`attn_*`: they read the maps Localized Refinement trains, so they describe
+the training objective, never the verdict). The sample stage saved, per concept, its token's
+cross-attention map M_k (soft, float32, max-normalised to [0, 1], at S x S, averaged over heads, layers
+and steps).
+
+- `attn_leakage` of concepts A, B: the overlap of the two maps as distributions,
+  sum_x min(p_A(x), p_B(x)) with p_k = M_k / sum M_k (histogram intersection = 1 - total variation
+  distance). 1 when the tokens attend identically (total leakage), 0 when their maps are disjoint, and
+  1 when both maps are uniform: the degenerate image is the worst case and counted, never dropped. A map
+  with no mass at all (a token attending nowhere) cannot tell the concepts apart and is read as uniform.
+  Symmetric (A with B = B with A). Why this and not the share of A's mass in B's thresholded region (the
+  old definition): that number was set by the size of B's region and the maps' floor, read identical maps
+  as 0.10 and separated diffuse maps as 0.2, and was undefined (NaN) for uniform maps. A shared floor
+  (every token attends everywhere a little) counts as overlap: it is shared attention. A uniform map next
+  to a localised one scores the localised map's share of the image: the tokens are told apart, even
+  though one of them is not localised.
+- `attn_identity_*`: the old crops. Region of concept k, by `eval.regions`: `attention`: R_k = {(M_k - min
+  M_k) / (max M_k - min M_k) >= eval.region_threshold} at S x S; `segment`: the generated image's
+  foreground split by the largest (upsampled) map. The crop is the bbox of R_k's component holding the
+  most attention mass, judged as above but with no assignment step (the map says which crop is which).
 """
 
 from __future__ import annotations
@@ -33,16 +44,24 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 from far.errors import InvalidInputError
 
 
 def load_map(path: Path) -> np.ndarray:
-    """(S, S) float32 soft map, max-normalised to [0, 1] (an all-zero map stays zero)."""
+    """(S, S) float32 soft map, max-normalised to [0, 1] (an all-zero map stays zero).
+
+    Only float32 files are accepted: float16 leaves a near-uniform map two distinct values, and its
+    "region" quantisation noise.
+    """
     try:
-        m = np.load(path).astype(np.float32)
+        m = np.load(path)
     except (OSError, ValueError) as exc:
         raise InvalidInputError(f"{path}: not a readable .npy attention map: {exc}") from None
+    if m.dtype != np.float32:
+        raise InvalidInputError(f"{path}: attention map is {m.dtype}, expected float32 (maps from an older sample "
+                                "stage were float16: re-run `dvc repro sample`)")
     if m.ndim != 2 or not np.isfinite(m).all() or (m < 0).any():
         raise InvalidInputError(f"{path}: expected a finite, non-negative (S, S) attention map, got shape {m.shape}")
     peak = float(m.max())
@@ -106,28 +125,49 @@ def region_bbox(mask: np.ndarray, weight: np.ndarray, size: tuple[int, int], pad
     ys, xs = np.nonzero(labels == int(np.argmax(mass)) + 1)
     s_h, s_w = mask.shape
     w, h = size
-    x0, x1 = xs.min() / s_w * w, (xs.max() + 1) / s_w * w
-    y0, y1 = ys.min() / s_h * h, (ys.max() + 1) / s_h * h
+    box = (xs.min() / s_w * w, ys.min() / s_h * h, (xs.max() + 1) / s_w * w, (ys.max() + 1) / s_h * h)
+    return pad_box(box, size, padding)
+
+
+def pad_box(box: tuple[float, ...], size: tuple[int, int], padding: float) -> tuple[int, int, int, int]:
+    """Pixel bbox (x0, y0, x1, y1; exclusive end) grown by `padding` x its side on each side, inside `size` (W, H)."""
+    x0, y0, x1, y1 = box
+    w, h = size
     px, py = padding * (x1 - x0), padding * (y1 - y0)
     return (max(0, int(x0 - px)), max(0, int(y0 - py)), min(w, int(np.ceil(x1 + px))), min(h, int(np.ceil(y1 + py))))
 
 
-def leakage(maps: dict[str, np.ndarray], regions: dict[str, np.ndarray]) -> dict[tuple[str, str], float]:
-    """{(A, B): share of A's attention mass inside B's region} for every ordered pair A != B.
+def as_distribution(m: np.ndarray) -> np.ndarray:
+    """A non-negative map as a distribution over its cells (sums to 1); a map with no mass reads as uniform."""
+    total = float(m.sum(dtype=np.float64))
+    return (m / total if total > 0 else np.full(m.shape, 1.0 / m.size)).astype(np.float64)
 
-    Maps and regions of one image share one resolution. NaN (undefined, left out of means) when A's map is
-    all zero or B has no region: a subject that was not found must not read as "no leakage".
+
+def leakage(maps: dict[str, np.ndarray]) -> dict[tuple[str, str], float]:
+    """{(A, B): overlap sum_x min(p_A, p_B) in [0, 1]} for every unordered pair, A before B in `maps`' order.
+
+    maps: {concept: (S, S) non-negative map} of one image (any scale: each is normalised to sum 1).
+    1 = identical maps or both uniform (worst), 0 = disjoint (see the module docstring). Always defined.
     """
-    shapes = {m.shape for m in (*maps.values(), *regions.values())}
+    shapes = {m.shape for m in maps.values()}
     if len(shapes) > 1:
-        raise InvalidInputError(f"attention maps / regions of one image differ in shape: {sorted(shapes)}")
-    out = {}
-    for a, ma in maps.items():
-        total = float(ma.sum())
-        for b in maps:
-            if a != b:
-                defined = total > 0 and regions[b].any()
-                out[(a, b)] = float((ma * regions[b]).sum() / total) if defined else float("nan")
+        raise InvalidInputError(f"attention maps of one image differ in shape: {sorted(shapes)}")
+    dist = {k: as_distribution(m) for k, m in maps.items()}
+    names = list(maps)
+    return {(a, b): float(np.minimum(dist[a], dist[b]).sum()) for i, a in enumerate(names) for b in names[i + 1 :]}
+
+
+def assign(concepts: list[str], similarity: np.ndarray) -> dict[str, int | None]:
+    """{concept: index of its instance, or None}: Hungarian assignment maximising the total similarity.
+
+    similarity: (n_instances, len(concepts)) similarity of each found instance to each of the prompt's
+    concepts. Each instance serves at most one concept; with fewer instances than concepts some get None.
+    """
+    out: dict[str, int | None] = dict.fromkeys(concepts)
+    if similarity.size:
+        rows, cols = linear_sum_assignment(similarity, maximize=True)
+        for r, c in zip(rows, cols, strict=True):
+            out[concepts[c]] = int(r)
     return out
 
 
@@ -136,7 +176,7 @@ class Identity:
     """The verdict for one concept's crop in one image."""
 
     concept: str
-    found: bool  # it had a region (attention or segmentation)
+    found: bool  # it got an instance (or, for attn_identity, a region)
     bbox: tuple[int, ...] | None
     similarity: dict[str, float]  # concept -> mean DINO cosine of the crop to that concept's references
     correct: bool

@@ -9,7 +9,11 @@
   with the DreamBooth / Custom Diffusion preprocessing (far.backbones.dino_preprocess); CLIP uses the
   model's own preprocessing (resize shortest side to 224 bicubic, centre crop, CLIP mean/std).
 - For an image of several concepts, CLIP-I / DINO are computed against each of its concepts' references and
-  averaged over those concepts (as Custom Diffusion does); the crop-based identity metrics are in far.identity.
+  averaged over those concepts (as Custom Diffusion does); the multi-concept identity metrics (subjects found
+  from pixels by far/subjects.py) and the attention diagnostics (`attn_*`) are defined in far.identity.
+
+`reports/metrics.json` holds numbers only (DVC metrics); the names and hashes of the backbones and the subject
+finder go to `backbones.json` beside the tables.
 
 The text for CLIP-T is the prompt with each identifier token removed where the class word follows it
 ("a <far-dog> dog on the beach" -> "a dog on the beach", DreamBooth's and Custom Diffusion's practice: the
@@ -41,7 +45,8 @@ MANIFEST = "manifest.parquet"
 SAMPLE_COLUMNS = ("prompt", "kind", "concepts", "seed", "path")
 REFERENCE_COLUMNS = ("concept", "image", "bbox")
 PER_IMAGE_SCORES = (
-    "clip_t", "clipscore", "clip_i", "dino", "identity_accuracy", "identity_mixing", "attention_leakage",
+    "clip_t", "clipscore", "clip_i", "dino", "identity_accuracy", "identity_mixing", "attn_identity_accuracy",
+    "attn_leakage",
 )
 
 
@@ -191,8 +196,15 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def summarize(per_image: pd.DataFrame, identity: pd.DataFrame, leak: pd.DataFrame) -> dict[str, Any]:
-    """metrics.json's numeric sections {overall, per_concept, multi_concept} from the per-image tables."""
+def _identity_block(identity: pd.DataFrame, prefix: str) -> dict[str, Any]:
+    return {f"{prefix}identity_accuracy": float(identity.correct.mean()),
+            f"{prefix}identity_mixing": finite_mean(identity.mixing),
+            f"{prefix}identity_margin": finite_mean(identity.margin)}
+
+
+def summarize(per_image: pd.DataFrame, identity: pd.DataFrame, attn_identity: pd.DataFrame,
+              leak: pd.DataFrame) -> dict[str, Any]:
+    """metrics.json {overall, per_concept, multi_concept}, numbers only, from the per-image tables."""
     head = ("clip_t", "clipscore", "clip_i", "dino")
 
     def block(df: pd.DataFrame) -> dict[str, Any]:
@@ -203,49 +215,83 @@ def summarize(per_image: pd.DataFrame, identity: pd.DataFrame, leak: pd.DataFram
     per_concept = {c: block(g) for c, g in single.groupby("concepts", sort=True)}
     multi_block: dict[str, Any] = block(multi)
     if len(identity):
-        multi_block |= {
-            "identity_accuracy": float(identity.correct.mean()),
-            "identity_mixing": finite_mean(identity.mixing),
-            "identity_margin": finite_mean(identity.margin),
-            "regions_found": float(identity.found.mean()),
+        multi_block |= _identity_block(identity, "") | {
+            "subjects_found": float(identity.found.mean()),  # share of (image, concept) given an instance
+            "subjects_per_image": float(identity.groupby("path").n_subjects.first().mean()),
         }
+    if len(attn_identity):
+        multi_block |= _identity_block(attn_identity, "attn_")
+        multi_block["attn_regions_found"] = float(attn_identity.found.mean())
     if len(leak):
-        multi_block["attention_leakage"] = finite_mean(leak.share)
-        multi_block["leakage_pairs"] = {f"{a}->{b}": finite_mean(g.share) for (a, b), g in
-                                        leak.groupby(["source", "target"], sort=True)}
+        multi_block["attn_leakage"] = finite_mean(leak.overlap)
+        multi_block["attn_leakage_pairs"] = {f"{a}+{b}": finite_mean(g.overlap) for (a, b), g in
+                                             leak.groupby(["concept_a", "concept_b"], sort=True)}
     return _clean({"overall": block(per_image), "per_concept": per_concept, "multi_concept": multi_block})
 
 
+def check_numbers_only(obj: Any, where: str = "metrics") -> None:
+    """Raise when a metrics.json value is not a number (or null): DVC metrics are numbers; names go elsewhere."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_numbers_only(v, f"{where}.{k}")
+    elif obj is not None and (isinstance(obj, bool) or not isinstance(obj, int | float)):
+        raise ValueError(f"{where} = {obj!r}: metrics.json holds numbers only (names belong in backbones.json)")
+
+
 # ------------------------------------------------------------------------------------------- the metric pass
+def _verdict(v: Any) -> dict[str, Any]:
+    """An identity table row's verdict columns from a far.identity.Identity."""
+    return {"found": v.found, "bbox": list(v.bbox) if v.bbox else None,
+            **{f"sim_{n}": x for n, x in v.similarity.items()}, "correct": v.correct, "mixing": v.mixing,
+            "margin": v.margin}
+
+
+@dataclass
+class _Crops:
+    """Identity crops of all multi-concept images, embedded in one batched pass at the end."""
+
+    keys: list[tuple[Path, tuple[int, ...] | str]]  # (image path, pixel bbox or "whole")
+    owners: list[tuple[int, Any]]  # (sample index, instance index or concept name)
+
+    def add(self, path: Path, bbox: tuple[int, ...] | None, owner: tuple[int, Any]) -> None:
+        self.keys.append((path, bbox or "whole"))
+        self.owners.append(owner)
+
+
 def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: EvalConfig, workdir: Path,
              backbones: tuple[Any, Any] | None = None, segment: SegmentConfig | None = None,
-             ) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, Any]]:
-    """Score every sample -> (metrics.json content, tables by name, run summary).
+             finder: Any = None) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, Any]]:
+    """Score every sample -> (metrics.json content, tables by name, run summary incl. `backbones` names).
 
-    Backbones load from `cfg` unless given; `segment` (the `segment` params) is used when `eval.regions` is
-    `segment`.
+    Backbones load from `cfg` unless given, the subject finder (far.subjects.SubjectFinder) from
+    `eval.subject_finder` unless given; `segment` (the `segment` params) serves the `segment` finder and
+    `eval.regions: segment`.
 
     `workdir` receives the tiny backbones when they are built. Embeddings are computed in batches of
     `eval.batch_size`, each once (EmbeddingCache: a reference is embedded once however many samples use it),
-    and a generated image is decoded once for both backbones. A subject that was not found (empty region) is
-    compared as the whole image, for the table only: it counts as misidentified.
+    and a generated image is decoded once for both backbones. An attention region that is empty is
+    compared as the whole image, for the attn_identity table only: it counts as misidentified.
     """
     from far import identity as ident
     from far.backbones import load_clip, load_dino, pick_device
+    from far.subjects import make_finder
 
     items = read_samples(samples, concepts)
     refs = read_references(segmented, concepts)
+    segment = segment or SegmentConfig()
     segmenter = None
-    if cfg.regions == "segment":
+    if cfg.regions == "segment" and any(s.attention and s.kind == "multi" for s in items):
         from far.segment import Segmenter
 
-        segmenter = Segmenter(segment or SegmentConfig())
+        segmenter = Segmenter(segment)
     start = time.perf_counter()
     if backbones is None:
         device = pick_device(cfg.device)
         backbones = (load_clip(cfg.clip_model, workdir, device, cfg.tiny_seed),
                      load_dino(cfg.dino_model, workdir, device, cfg.tiny_seed))
     clip_bb, dino_bb = backbones
+    if finder is None and any(s.kind == "multi" for s in items):
+        finder = make_finder(cfg, segment, str(dino_bb.device))
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -260,6 +306,7 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
     dino_ref_crops = {c: dino_cache.get(k, lambda k: load(k[0]).crop(k[1])) for c, k in ref_crops.items()}
 
     token_map = [(c.token, c.class_word) for c in concepts.subjects]
+    class_word = {c.name: c.class_word for c in concepts.subjects}
     texts = [clip_prompt(s.prompt, token_map) for s in items]
     paths = [s.path for s in items]
     chunks = [paths[i : i + 2 * bs] for i in range(0, len(paths), 2 * bs)]  # CLIP then DINO while decoded
@@ -267,7 +314,9 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
                                             strict=True))  # (N, D) each
     cos_t = clip_t(clip_img, clip_bb.embed_texts(texts))  # (N,)
 
-    rows, id_rows, leak_rows, crops = [], [], [], []
+    rows, leak_rows = [], []
+    found: dict[int, list[Any]] = {}  # sample index -> its instances (far.subjects.Subject)
+    crops = _Crops([], [])  # instance crops: owner (i, instance index); attention crops: owner (i, concept)
     for i, s in enumerate(items):
         row = {"prompt_idx": s.prompt_idx, "seed": s.seed, "kind": s.kind, "concepts": "+".join(s.concepts),
                "prompt": s.prompt, "clip_prompt": texts[i], "path": s.path.name,
@@ -275,72 +324,96 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
                "clip_i": float(np.mean([mean_pairwise(clip_img[i : i + 1], clip_refs[c])[0] for c in s.concepts])),
                "dino": float(np.mean([mean_pairwise(dino_img[i : i + 1], dino_refs[c])[0] for c in s.concepts]))}
         rows.append(row)
-        if s.kind != "multi" or not s.attention:
+        if s.kind != "multi":
+            continue
+        image = load(s.path)
+        size = image.size
+        found[i] = finder(image, [class_word[c] for c in s.concepts])  # pixels only: never the attention maps
+        for j, subject in enumerate(found[i]):
+            crops.add(s.path, ident.pad_box(subject.bbox, size, cfg.crop_padding), (i, j))
+        if not s.attention:
             continue
         maps = {c: ident.load_map(p) for c, p in zip(s.concepts, s.attention, strict=True)}
-        with Image.open(s.path) as im:
-            size = im.size
+        for (a, b), overlap in ident.leakage(maps).items():
+            leak_rows.append({"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed, "concept_a": a,
+                              "concept_b": b, "overlap": overlap})
         if segmenter is None:  # eval.regions: attention -> (S, S) regions
             regions = ident.attention_regions(maps, cfg.region_threshold)
         else:  # eval.regions: segment -> (H, W) regions: the foreground split by the largest map
             maps = {c: ident.upsample(m, size) for c, m in maps.items()}
-            regions = ident.segment_regions(maps, segmenter(np.asarray(load(s.path)), s.path))
-        for (a, b), share in ident.leakage(maps, regions).items():
-            leak_rows.append({"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed, "source": a,
-                              "target": b, "share": share})
+            regions = ident.segment_regions(maps, segmenter(np.asarray(image), s.path))
         for c, m in maps.items():
-            crops.append((i, c, ident.region_bbox(regions[c], m, size, cfg.crop_padding)))
+            crops.add(s.path, ident.region_bbox(regions[c], m, size, cfg.crop_padding), (i, c))
 
-    if crops:  # all identity crops of all images in one batched pass
-        crop_emb = dino_cache.get([(items[i].path, bbox or "whole") for i, _, bbox in crops],
-                                  lambda k: load(k[0]) if k[1] == "whole" else load(k[0]).crop(k[1]))
-        names = [c.name for c in concepts.subjects]
-        for (i, c, bbox), emb in zip(crops, crop_emb, strict=True):
-            sims = {n: float(mean_pairwise(emb[None], dino_ref_crops[n])[0]) for n in names}
-            verdict = ident.judge(c, bbox is not None, bbox, sims)
-            id_rows.append({"path": items[i].path.name, "prompt_idx": items[i].prompt_idx, "seed": items[i].seed,
-                            "concept": c, "found": verdict.found, "bbox": list(bbox) if bbox else None,
-                            **{f"sim_{n}": v for n, v in sims.items()},
-                            "correct": verdict.correct, "mixing": verdict.mixing, "margin": verdict.margin})
+    names = [c.name for c in concepts.subjects]
+    sims: dict[tuple[int, Any], dict[str, float]] = {}
+    if crops.keys:  # all identity crops of all images in one batched pass
+        embs = dino_cache.get(crops.keys, lambda k: load(k[0]) if k[1] == "whole" else load(k[0]).crop(k[1]))
+        for owner, emb in zip(crops.owners, embs, strict=True):
+            sims[owner] = {n: float(mean_pairwise(emb[None], dino_ref_crops[n])[0]) for n in names}
+    id_rows, attn_rows = [], []
+    for i, subjects in found.items():
+        s = items[i]
+        where = {"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed}
+        size = load(s.path).size
+        matrix = np.array([[sims[(i, j)][c] for c in s.concepts] for j in range(len(subjects))])
+        for c, j in ident.assign(list(s.concepts), matrix.reshape(-1, len(s.concepts))).items():
+            box = None if j is None else ident.pad_box(subjects[j].bbox, size, cfg.crop_padding)
+            v = ident.judge(c, j is not None, box, sims[(i, j)] if j is not None else dict.fromkeys(names, math.nan))
+            id_rows.append(where | {"concept": c, "instance": j, "n_subjects": len(subjects)} | _verdict(v))
+        for c in (s.concepts if s.attention else ()):
+            box = crops.keys[crops.owners.index((i, c))][1]
+            v = ident.judge(c, box != "whole", None if box == "whole" else box, sims[(i, c)])
+            attn_rows.append(where | {"concept": c} | _verdict(v))
     per_image = pd.DataFrame(rows)
     identity = pd.DataFrame(id_rows)
+    attn_identity = pd.DataFrame(attn_rows)
     leak = pd.DataFrame(leak_rows)
-    if len(identity):
-        by_image = identity.groupby("path").agg(identity_accuracy=("correct", "mean"),
-                                                identity_mixing=("mixing", "mean"))
-        per_image = per_image.merge(by_image, how="left", left_on="path", right_index=True)
+    for df, prefix in ((identity, ""), (attn_identity, "attn_")):
+        if len(df):
+            by_image = df.groupby("path").agg(**{f"{prefix}identity_accuracy": ("correct", "mean"),
+                                                 f"{prefix}identity_mixing": ("mixing", "mean")})
+            per_image = per_image.merge(by_image, how="left", left_on="path", right_index=True)
     if len(leak):
-        per_image = per_image.merge(leak.groupby("path").share.mean().rename("attention_leakage"), how="left",
+        per_image = per_image.merge(leak.groupby("path").overlap.mean().rename("attn_leakage"), how="left",
                                     left_on="path", right_index=True)
     metric_seconds = time.perf_counter() - start
 
-    metrics = summarize(per_image, identity, leak)
-    metrics["backbones"] = {
+    metrics = summarize(per_image, identity, attn_identity, leak)
+    labels = {
         "clip": clip_bb.name, "dino": dino_bb.name, "clip_sha256": clip_bb.sha256, "dino_sha256": dino_bb.sha256,
-        "identity": (f"dino crops of {cfg.regions} regions (" + (f"threshold {cfg.region_threshold}"
-                     if segmenter is None else f"segment backend {segmenter.label}") +
-                     f", padding {cfg.crop_padding})"),
+        "subject_finder": finder.label if finder is not None else None,
+        "identity": f"dino crops of found subjects (padding {cfg.crop_padding}), Hungarian assignment",
+        "attn_identity": (f"dino crops of {cfg.regions} regions (" + (f"threshold {cfg.region_threshold}"
+                          if segmenter is None else f"segment backend {segmenter.label}") +
+                          f", padding {cfg.crop_padding}); a diagnostic: reads the trained attention maps"),
     }
     scores = [c for c in per_image.columns if c in PER_IMAGE_SCORES]
     per_prompt = (per_image.groupby(["prompt_idx", "kind", "concepts", "prompt"], sort=True)
                   .agg(**{m: (m, "mean") for m in scores}, n_images=("seed", "size")).reset_index())
-    tables = {"per_image": per_image, "per_prompt": per_prompt, "identity": identity, "leakage": leak}
+    tables = {"per_image": per_image, "per_prompt": per_prompt, "identity": identity, "attn_identity": attn_identity,
+              "attn_leakage": leak}
     run = {
         "images": len(items), "backbone_load_seconds": load_seconds, "metric_seconds": metric_seconds,
         "images_per_second": len(items) / metric_seconds if metric_seconds > 0 else None,
         "embeddings_computed_clip": clip_cache.computed, "embeddings_computed_dino": dino_cache.computed,
-        "identity_crops": len(crops), "device": str(clip_bb.device),
+        "identity_crops": len(crops.keys), "device": str(clip_bb.device), "backbones": labels,
     }
     return metrics, tables, run
 
 
 def write_outputs(metrics: dict[str, Any], tables: dict[str, pd.DataFrame], metrics_path: Path, out: Path,
                   run: dict[str, Any]) -> None:
-    """`metrics_path` (DVC metrics) and `out/` (CSV tables, DVC plot sources, and eval.json), each atomically."""
+    """`metrics_path` (DVC metrics: numbers only) and `out/` (CSV tables, DVC plot sources, eval.json with the run
+    summary and backbones.json with the names and hashes of the backbones and the subject finder), each atomically."""
     from far.io import atomic_dir, write_json
 
+    check_numbers_only(metrics)
+    run = dict(run)
+    labels = run.pop("backbones", {})
     with atomic_dir(out) as tmp:
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False, float_format="%.6g")
         write_json(tmp / "eval.json", _clean(run))
+        write_json(tmp / "backbones.json", labels)
     write_json(metrics_path, metrics)

@@ -9,7 +9,8 @@ While sampling, far/attention.py's processor (the one the train stage uses) comp
 of the concept tokens' columns in the chosen layers (`sample.attention_downscale`, image pixels per map
 cell, like `train.refine.downscale`); every other attention layer keeps the fused kernel. For each image
 and concept the map of the concept's identifier token(s) is averaged over heads, layers and denoising
-steps, for the text-conditioned half of the guidance batch only, and saved normalised to max 1 as float16.
+steps, for the text-conditioned half of the guidance batch only, and saved normalised to max 1 as float32
+(float16 left a near-uniform map two distinct values).
 
 Output (`data/samples/`): `<prompt_idx:03d>_<seed>.png`, `attn/<prompt_idx:03d>_<seed>_<concept>.npy`
 (soft map in [0, 1], (S, S) with S the finest chosen layer's side), `manifest.parquet`, `sample.json`.
@@ -223,7 +224,7 @@ def generate(pipe: Any, jobs: list[Job], concepts: ConceptsConfig, cfg: SampleCo
             output_type="pil",
             callback_on_step_end=step_end,
         ).images
-        result = maps.result().numpy().astype(np.float16)  # (B, K, S, S)
+        result = maps.result().numpy().astype(np.float32)  # (B, K, S, S)
         for b, (job, image) in enumerate(zip(batch, images, strict=True)):
             for name in job.spec.concepts:
                 with atomic_file(out / "attn" / f"{job.stem}_{name}.npy") as tmp, open(tmp, "wb") as fh:

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: CLIP-T / CLIP-I / DINO, multi-concept identity and attention leakage of the samples."""
+"""DVC stage `evaluate`: CLIP-T / CLIP-I / DINO, multi-concept identity and attention diagnostics of the samples."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def main(
     with tempfile.TemporaryDirectory(prefix="far-backbones-") as workdir:
         result, tables, run = evaluate(samples, segmented, cfg.concepts, cfg.eval, Path(workdir), segment=cfg.segment)
     write_outputs(result, tables, metrics, out, run | {"params": dump_resolved(cfg)["eval"]})
-    head = result["overall"]
+    head, names = result["overall"], run["backbones"]
     print(f"evaluate: {head['n_images']} images, CLIP-T {head['clip_t']:.4f}, CLIP-I {head['clip_i']:.4f}, "
-          f"DINO {head['dino']:.4f} [{result['backbones']['clip'].split(' (')[0]}, "
-          f"{result['backbones']['dino'].split(' (')[0]}; {run['images_per_second']:.1f} images/s] -> {metrics}, {out}")
+          f"DINO {head['dino']:.4f} [{names['clip'].split(' (')[0]}, {names['dino'].split(' (')[0]}; "
+          f"{run['images_per_second']:.1f} images/s] -> {metrics}, {out}")
 
 
 if __name__ == "__main__":

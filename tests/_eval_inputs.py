@@ -1,8 +1,10 @@
 """Evaluate-stage inputs built from the real concept photos, following the segment and sample contracts.
 
 Until real samples exist, the shipped photos stand in for "generated" images: single-concept samples are
-the photos themselves, multi-concept samples put a `dog` photo on the left half and a `dog3` photo on the
-right half, with attention maps we construct (a blob over each half, or swapped / empty on request).
+the photos themselves; multi-concept samples are composites of the two concepts' own reference cut-outs (the
+segmented subject of `dog` reference `seed % 2` in the left half, of `dog3` in the right half, on a plain grey
+background), with attention maps we construct: a blob over each subject, or swapped / identical / uniform /
+empty (dog3's map zero) on request.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = {"dog": ("<far-dog>", "dog"), "dog3": ("<far-dog3>", "dog")}
 SIDE = 256
 MAP = 16  # attention map side
+GREY = (128, 128, 128)  # composite background
+MAPS = ("right", "swapped", "identical", "uniform", "empty")
 
 
 def photo(concept: str, i: int) -> Image.Image:
     with Image.open(ROOT / "data" / "concepts" / concept / f"{i:02d}.jpg") as im:
         return ImageOps.exif_transpose(im).convert("RGB")
+
+
+def subject_box(im: Image.Image) -> list[int]:
+    """The test references' subject: the centre 60% box (x0, y0, x1, y1; exclusive end)."""
+    w, h = im.size
+    return [int(0.2 * w), int(0.2 * h), int(0.8 * w), int(0.8 * h)]
 
 
 def make_segmented(out: Path, n: int = 3) -> Path:
@@ -33,7 +43,7 @@ def make_segmented(out: Path, n: int = 3) -> Path:
         for i in range(n):
             im = photo(concept, i)
             w, h = im.size
-            bbox = [int(0.2 * w), int(0.2 * h), int(0.8 * w), int(0.8 * h)]
+            bbox = subject_box(im)
             mask = Image.new("L", (w, h), 0)
             mask.paste(255, bbox)
             stem = f"{i:02d}"
@@ -53,11 +63,21 @@ def make_segmented(out: Path, n: int = 3) -> Path:
 def blob(cx: float, cy: float, sigma: float = 2.5) -> np.ndarray:
     """(MAP, MAP) Gaussian blob centred at (cx, cy) in cell-index coordinates (cell i's centre is i)."""
     y, x = np.mgrid[0:MAP, 0:MAP]
-    return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)).astype(np.float16)
+    return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+def composite(i: int) -> Image.Image:
+    """SIDE x SIDE: reference i's cut-out of `dog` centred in the left half, of `dog3` in the right, on grey."""
+    im = Image.new("RGB", (SIDE, SIDE), GREY)
+    for k, concept in enumerate(CONCEPTS):
+        ref = photo(concept, i)
+        cut = ImageOps.contain(ref.crop(tuple(subject_box(ref))), (SIDE // 2 - 32, SIDE - 64))
+        im.paste(cut, (k * SIDE // 2 + (SIDE // 2 - cut.width) // 2, (SIDE - cut.height) // 2))
+    return im
 
 
 def make_samples(out: Path, seeds: tuple[int, ...] = (0, 1), maps: str = "right") -> Path:
-    """`data/samples`-shaped directory. maps: right (dog left, dog3 right) | swapped | empty (dog3's map zero)."""
+    """`data/samples`-shaped directory; `maps` (one of MAPS) sets the multi-concept samples' attention maps."""
     (out / "attn").mkdir(parents=True, exist_ok=True)
     rows = []
     prompts = [("single", ["dog"], "a <far-dog> dog on the beach"),
@@ -72,10 +92,10 @@ def make_samples(out: Path, seeds: tuple[int, ...] = (0, 1), maps: str = "right"
                 im = ImageOps.fit(photo(names[0], 3 + seed % 2), (SIDE, SIDE))
                 attn = {names[0]: blob(c, c, 4.0)}
             else:
-                im = Image.new("RGB", (SIDE, SIDE))
-                im.paste(ImageOps.fit(photo("dog", 3 + seed % 2), (SIDE // 2, SIDE)), (0, 0))
-                im.paste(ImageOps.fit(photo("dog3", 3 + seed % 2), (SIDE // 2, SIDE)), (SIDE // 2, 0))
+                im = composite(seed % 2)
+                uniform = np.ones((MAP, MAP), np.float32)
                 attn = {"right": {"dog": left, "dog3": right}, "swapped": {"dog": right, "dog3": left},
+                        "identical": {"dog": left, "dog3": left.copy()}, "uniform": {"dog": uniform, "dog3": uniform},
                         "empty": {"dog": left, "dog3": np.zeros_like(right)}}[maps]
             im.save(out / f"{stem}.png")
             for name, m in attn.items():

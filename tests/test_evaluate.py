@@ -1,4 +1,4 @@
-"""The evaluate stage on real photos standing in for samples: metrics.json, tables, identity, leakage, DVC."""
+"""The evaluate stage on real photos standing in for samples: metrics.json, tables, identity, attn_*, DVC."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +16,8 @@ import torch
 from far.backbones import load_clip, load_dino
 from far.config import load_params
 from far.metrics import evaluate, mean_pairwise, open_rgb
-from tests._eval_inputs import make_samples, make_segmented
+from far.subjects import SegmentFinder
+from tests._eval_inputs import GREY, ROOT, make_samples, make_segmented
 from tests.conftest import run
 
 CPU = torch.device("cpu")
@@ -37,15 +39,31 @@ def cfg(params_file):
     return load_params(params_file())
 
 
-def run_eval(tmp_path: Path, segmented: Path, cfg, backbones, maps: str = "right"):
+def not_grey(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the composites' subjects (everything not the plain grey background); needs no weights."""
+    return (np.abs(rgb.astype(int) - np.array(GREY)) > 6).any(axis=-1)
+
+
+FINDER = SegmentFinder(not_grey, "not-grey test segmenter", min_area=0.01)
+
+
+def run_eval(tmp_path: Path, segmented: Path, cfg, backbones, maps: str = "right", finder=FINDER):
     samples = make_samples(tmp_path / f"samples-{maps}", maps=maps)
-    return evaluate(samples, segmented, cfg.concepts, cfg.eval, tmp_path, backbones=backbones)
+    return evaluate(samples, segmented, cfg.concepts, cfg.eval, tmp_path, backbones=backbones, finder=finder)
 
 
-def test_metrics_are_nested_labelled_and_consistent_with_the_tables(tmp_path, segmented, cfg, backbones) -> None:
+def numbers_only(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(numbers_only(v) for v in obj.values())
+    return obj is None or (isinstance(obj, int | float) and not isinstance(obj, bool))
+
+
+def test_metrics_are_nested_numeric_and_consistent_with_the_tables(tmp_path, segmented, cfg, backbones) -> None:
     metrics, tables, run_info = run_eval(tmp_path, segmented, cfg, backbones)
-    assert set(metrics) == {"overall", "per_concept", "multi_concept", "backbones"}
-    assert "NOT comparable" in metrics["backbones"]["clip"] and "NOT comparable" in metrics["backbones"]["dino"]
+    assert set(metrics) == {"overall", "per_concept", "multi_concept"} and numbers_only(metrics)
+    names = run_info["backbones"]  # the names live beside the metrics, not in them
+    assert "NOT comparable" in names["clip"] and "NOT comparable" in names["dino"]
+    assert names["subject_finder"].startswith("segment instances (not-grey test segmenter")
     assert metrics["overall"]["n_images"] == 6 and metrics["multi_concept"]["n_images"] == 2
     assert set(metrics["per_concept"]) == {"dog", "dog3"} and metrics["per_concept"]["dog"]["n_images"] == 2
     per_image = tables["per_image"]
@@ -53,7 +71,8 @@ def test_metrics_are_nested_labelled_and_consistent_with_the_tables(tmp_path, se
     assert ((per_image.clipscore - 100 * per_image.clip_t.clip(lower=0)).abs() < 1e-4).all()
     assert per_image.clip_prompt.tolist()[0] == "a dog on the beach"
     # Each reference is embedded once per backbone: CLIP = 6 refs + 6 images; DINO also embeds 6 reference
-    # crops and 2 x 2 identity crops.
+    # crops and 2 x 2 crops of found subjects; the attention regions' crops are the same boxes here (cached).
+    assert tables["attn_identity"].bbox.tolist() == tables["identity"].bbox.tolist()
     assert run_info["embeddings_computed_clip"] == 12 and run_info["embeddings_computed_dino"] == 22
     # Independent recomputation of one single-concept image's CLIP-I and DINO.
     row = per_image.iloc[0]
@@ -62,51 +81,99 @@ def test_metrics_are_nested_labelled_and_consistent_with_the_tables(tmp_path, se
     for bb, key in zip(backbones, ("clip_i", "dino"), strict=True):
         expected = float(mean_pairwise(bb.embed_images([image]), bb.embed_images(refs))[0])
         assert row[key] == pytest.approx(expected, abs=1e-5)
-    # Disjoint attention blobs: little leakage either way; every concept's region found.
     multi = metrics["multi_concept"]
-    assert set(multi["leakage_pairs"]) == {"dog->dog3", "dog3->dog"}
-    assert 0 <= multi["attention_leakage"] < 0.05 and multi["regions_found"] == 1.0
-    ident = tables["identity"]
-    for dog, dog3 in zip(ident[ident.concept == "dog"].bbox, ident[ident.concept == "dog3"].bbox, strict=True):
-        assert dog[2] <= 128 <= dog3[0]  # dog's crop lies in the left half, dog3's in the right half
+    assert multi["subjects_found"] == 1.0 and multi["subjects_per_image"] == 2.0
+    ident = tables["identity"].set_index(["path", "concept"])
+    for path in ident.index.levels[0]:
+        assert ident.bbox[(path, "dog")][2] <= 128 <= ident.bbox[(path, "dog3")][0]  # dog left, dog3 right
+    # Separate attention blobs: little overlap (their tails); every concept's attention region found.
+    assert set(multi["attn_leakage_pairs"]) == {"dog+dog3"}
+    assert 0 <= multi["attn_leakage"] < 0.2 and multi["attn_regions_found"] == 1.0
 
 
-def test_swapped_attention_maps_flip_every_identity_verdict(tmp_path, segmented, cfg, backbones) -> None:
+@pytest.fixture(scope="module")
+def right_maps(tmp_path_factory, segmented, backbones) -> dict:
+    """metrics.json of the composites with the right attention maps, computed once for the module."""
+    cfg = load_params(ROOT / "params.yaml")
+    return run_eval(tmp_path_factory.mktemp("right"), segmented, cfg, backbones, "right")[0]
+
+
+@pytest.mark.parametrize("maps", ["right", "swapped", "identical", "uniform"])
+def test_composites_of_the_concepts_own_cutouts_are_identified_whatever_the_maps(
+        tmp_path, segmented, cfg, backbones, right_maps, maps) -> None:
+    metrics, tables, _ = run_eval(tmp_path, segmented, cfg, backbones, maps)
+    multi = metrics["multi_concept"]
+    assert multi["identity_accuracy"] == 1.0 and multi["subjects_found"] == 1.0
+    assert multi["identity_mixing"] < 1 and (tables["identity"].mixing < 1).all()  # no mixing, per subject
+    assert (tables["identity"].margin > 0).all()
+    # The verdict never reads the maps: the identity table is the same whatever they are.
+    assert {k: v for k, v in multi.items() if not k.startswith("attn_")} == \
+        {k: v for k, v in right_maps["multi_concept"].items() if not k.startswith("attn_")}
+    # The diagnostics do read them: identical and uniform maps are total leakage (counted, not dropped).
+    expected_leakage = {"right": (0, 0.2), "swapped": (0, 0.2), "identical": (0.999, 1), "uniform": (0.999, 1)}
+    low, high = expected_leakage[maps]
+    assert low <= multi["attn_leakage"] <= high and multi["attn_leakage_pairs"]["dog+dog3"] is not None
+
+
+def test_attention_crops_follow_the_maps_as_a_diagnostic(tmp_path, segmented, cfg, backbones) -> None:
     right, tables_r, _ = run_eval(tmp_path, segmented, cfg, backbones, "right")
     swapped, tables_s, _ = run_eval(tmp_path, segmented, cfg, backbones, "swapped")
-    acc_r, acc_s = right["multi_concept"]["identity_accuracy"], swapped["multi_concept"]["identity_accuracy"]
-    assert acc_s == pytest.approx(1 - acc_r)  # two concepts: a crop is either its own or the other one
+
     def by_crop(df: pd.DataFrame) -> pd.DataFrame:  # same image and same crop (left / right half) side by side
         return df.assign(x0=df.bbox.str[0]).sort_values(["path", "x0"]).reset_index(drop=True)
 
-    r, s = by_crop(tables_r["identity"]), by_crop(tables_s["identity"])
+    r, s = by_crop(tables_r["attn_identity"]), by_crop(tables_s["attn_identity"])
     assert (r.concept != s.concept).all() and (r.x0 == s.x0).all()
-    assert (r.correct != s.correct).all()
-    assert ((r.mixing * s.mixing - 1).abs() < 1e-9).all()  # wrong/right becomes right/wrong
-    assert right["multi_concept"]["attention_leakage"] == pytest.approx(swapped["multi_concept"]["attention_leakage"])
+    assert (r.correct != s.correct).all()  # swapped maps flip every attention-crop verdict, not the identity
+    assert swapped["multi_concept"]["attn_identity_accuracy"] == pytest.approx(
+        1 - right["multi_concept"]["attn_identity_accuracy"])
+    assert swapped["multi_concept"]["identity_accuracy"] == right["multi_concept"]["identity_accuracy"] == 1.0
 
 
-def test_an_empty_attention_map_is_a_missed_subject(tmp_path, segmented, cfg, backbones) -> None:
+def test_an_empty_attention_map_is_a_missed_region_and_counts_as_uniform(tmp_path, segmented, cfg, backbones) -> None:
     metrics, tables, _ = run_eval(tmp_path, segmented, cfg, backbones, "empty")
-    ident = tables["identity"]
-    assert metrics["multi_concept"]["regions_found"] == 0.5
-    assert not ident[ident.concept == "dog3"].correct.any() and not ident[ident.concept == "dog3"].found.any()
-    leak = tables["leakage"]
-    assert leak[leak.source == "dog3"].share.isna().all()  # no attention mass: undefined, not 0
-    assert metrics["multi_concept"]["leakage_pairs"]["dog->dog3"] is None  # dog3 has no region: undefined, not 0
+    attn = tables["attn_identity"]
+    assert metrics["multi_concept"]["attn_regions_found"] == 0.5
+    assert not attn[attn.concept == "dog3"].correct.any() and not attn[attn.concept == "dog3"].found.any()
+    leak = tables["attn_leakage"]
+    assert leak.overlap.notna().all() and (leak.overlap > 0).all()  # no mass: read as uniform, never dropped
+    assert metrics["multi_concept"]["identity_accuracy"] == 1.0  # the subjects are still there
+
+
+def test_a_subject_the_finder_misses_is_not_identified(tmp_path, segmented, cfg, backbones) -> None:
+    def left_only(rgb: np.ndarray) -> np.ndarray:
+        mask = not_grey(rgb)
+        mask[:, rgb.shape[1] // 2 :] = False
+        return mask
+
+    metrics, tables, _ = run_eval(tmp_path, segmented, cfg, backbones, finder=SegmentFinder(left_only, "left", 0.01))
+    ident = tables["identity"].set_index("concept")
+    assert metrics["multi_concept"]["subjects_found"] == 0.5 and metrics["multi_concept"]["identity_accuracy"] == 0.5
+    assert ident.found["dog"].all() and not ident.found["dog3"].any() and ident.mixing["dog3"].isna().all()
+
+
+def test_the_default_finder_splits_the_u2netp_foreground_into_both_subjects(tmp_path, segmented, cfg, backbones):
+    from far.segment import rembg_available
+
+    if not rembg_available(cfg.segment):
+        pytest.skip("u2netp weights not installed (`far weights`)")
+    cfg.segment.backend = "rembg"
+    samples = make_samples(tmp_path / "samples", seeds=(0,))
+    metrics, tables, run_info = evaluate(samples, segmented, cfg.concepts, cfg.eval, tmp_path, backbones=backbones,
+                                         segment=cfg.segment)
+    assert run_info["backbones"]["subject_finder"].startswith("segment instances (rembg:u2netp@sha256:")
+    assert metrics["multi_concept"]["subjects_found"] == 1.0 and metrics["multi_concept"]["identity_accuracy"] == 1.0
 
 
 def test_segment_regions_split_the_segmented_subjects_by_attention(tmp_path, segmented, cfg, backbones) -> None:
     cfg.eval.regions, cfg.eval.crop_padding = "segment", 0.0
-    cfg.segment.backend = "grabcut"  # the synthetic samples' plain background; the default would take u2netp
+    cfg.segment.backend = "grabcut"  # attn_identity regions only: GrabCut keeps one main subject, enough here
     samples = make_samples(tmp_path / "samples", seeds=(0,))
-    metrics, tables, _ = evaluate(samples, segmented, cfg.concepts, cfg.eval, tmp_path, backbones=backbones,
-                                  segment=cfg.segment)
-    assert "segment regions (segment backend grabcut" in metrics["backbones"]["identity"]
-    ident = tables["identity"].set_index("concept")
-    assert ident.found.all()
-    assert ident.bbox["dog"][2] <= 128 <= ident.bbox["dog3"][0]  # the foreground is split where the maps cross
-    assert tables["leakage"].share.between(0, 0.2).all()
+    metrics, tables, run_info = evaluate(samples, segmented, cfg.concepts, cfg.eval, tmp_path, backbones=backbones,
+                                         segment=cfg.segment, finder=FINDER)
+    assert "segment regions (segment backend grabcut" in run_info["backbones"]["attn_identity"]
+    attn = tables["attn_identity"].set_index("concept")
+    assert attn.found["dog"] and attn.bbox["dog"][2] <= 128  # the foreground's pixels where dog's map is largest
 
 
 def test_stage_writes_metrics_and_tables(tmp_path: Path, segmented: Path, params_file) -> None:
@@ -118,9 +185,10 @@ def test_stage_writes_metrics_and_tables(tmp_path: Path, segmented: Path, params
                 "--metrics", str(metrics), "--out", str(out), "--params", str(params)], cwd=root)
     assert "evaluate: 3 images, CLIP-T" in proc.stdout
     data = json.loads(metrics.read_text())
-    assert data["overall"]["n_images"] == 3 and data["backbones"]["clip"].startswith("tiny-clip")
-    assert {p.name for p in out.iterdir()} == {"per_image.csv", "per_prompt.csv", "identity.csv", "leakage.csv",
-                                               "eval.json"}
+    assert data["overall"]["n_images"] == 3 and numbers_only(data) and "backbones" not in data
+    assert {p.name for p in out.iterdir()} == {"per_image.csv", "per_prompt.csv", "identity.csv", "attn_identity.csv",
+                                               "attn_leakage.csv", "eval.json", "backbones.json"}
+    assert json.loads((out / "backbones.json").read_text())["clip"].startswith("tiny-clip")
     per_prompt = pd.read_csv(out / "per_prompt.csv")
     assert per_prompt.prompt_idx.tolist() == [0, 1, 2] and math.isfinite(per_prompt.clip_t.iloc[0])
     assert json.loads((out / "eval.json").read_text())["params"]["batch_size"] == 2

@@ -1,4 +1,4 @@
-"""far/metrics.py formulas and inputs, far/identity.py regions, crops, leakage and identity verdicts."""
+"""far/metrics.py formulas and inputs; far/identity.py leakage, assignment, regions, crops and verdicts."""
 
 from __future__ import annotations
 
@@ -77,24 +77,55 @@ def square_map(x0: int, y0: int, x1: int, y1: int, side: int = 8, value: float =
     return m
 
 
-def leak(maps: dict[str, np.ndarray], threshold: float = 0.5) -> dict[tuple[str, str], float]:
-    return identity.leakage(maps, identity.attention_regions(maps, threshold))
+def blob(cx: float, cy: float, sigma: float, side: int = 16, floor: float = 0.0) -> np.ndarray:
+    """(side, side) Gaussian attention blob (peak 1) on a uniform floor, like a real token's map."""
+    y, x = np.mgrid[0:side, 0:side]
+    return (floor + np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))).astype(np.float32)
 
 
-def test_leakage_is_share_of_mass_in_the_other_region() -> None:
-    a = square_map(0, 0, 4, 8)  # left half, 32 cells of mass 1
-    b = square_map(4, 0, 8, 8)  # right half
-    assert leak({"a": a, "b": b}) == {("a", "b"): 0.0, ("b", "a"): 0.0}
-    a_leaky = a.copy()
-    a_leaky[:, 4:6] = 0.4  # a's token also attends (weakly, below threshold) on b's left columns
-    shares = leak({"a": a_leaky, "b": b})
-    assert shares[("a", "b")] == pytest.approx(16 * 0.4 / (32 + 16 * 0.4))
-    assert shares[("b", "a")] == pytest.approx(0.0)  # below-threshold cells are not part of a's region
-    assert leak({"a": a, "b": a.copy()})[("a", "b")] == pytest.approx(1.0)  # both tokens attend the same place
-    assert math.isnan(leak({"a": np.zeros((8, 8)), "b": b})[("a", "b")])  # no mass to share
-    assert math.isnan(leak({"a": a, "b": np.zeros((8, 8))})[("a", "b")])  # b was not found: undefined, not 0
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    return identity.leakage({"a": a, "b": b})[("a", "b")]
+
+
+def test_attn_leakage_identical_is_total_disjoint_is_none_uniform_is_worst() -> None:
+    a, b = square_map(0, 0, 4, 8), square_map(4, 0, 8, 8)  # left half, right half
+    assert overlap(a, b) == 0.0  # disjoint maps: no leakage
+    dog = blob(4, 8, 2.5, floor=0.05)
+    assert overlap(dog, dog.copy()) == pytest.approx(1.0)  # identical maps: total leakage
+    assert overlap(dog, 3 * dog) == pytest.approx(1.0)  # the maps' scale does not matter
+    uniform = np.ones((16, 16), np.float32)
+    assert overlap(uniform, uniform) == pytest.approx(1.0)  # the degenerate image is the worst case ...
+    assert overlap(uniform, np.zeros((16, 16))) == pytest.approx(1.0)  # ... and a map with no mass reads as uniform
+    assert overlap(uniform, dog) < 1.0  # a localised map is told apart from a uniform one
+    three = identity.leakage({"x": a, "y": b, "z": a.copy()})  # every unordered pair, in the maps' order
+    assert three == {("x", "y"): 0.0, ("x", "z"): pytest.approx(1.0), ("y", "z"): 0.0}
     with pytest.raises(InvalidInputError, match="differ in shape"):
-        identity.leakage({"a": a, "b": np.ones((4, 4))}, {"a": a > 0, "b": a > 0})
+        identity.leakage({"a": a, "b": np.ones((4, 4))})
+
+
+def test_attn_leakage_ranks_the_leaking_model_worse() -> None:
+    # The review's case: model L draws both tokens on one subject (total leakage), model S keeps two diffuse
+    # maps on separate subjects. The old share-in-region score ranked L better (0.10 against 0.2).
+    floor = 0.05
+    leaking = overlap(blob(4, 8, 2.0, floor=floor), blob(4, 8, 2.0, floor=floor))
+    separated = overlap(blob(3, 8, 3.5, floor=floor), blob(12, 8, 3.5, floor=floor))
+    assert leaking > separated + 0.3
+    # And graded: B's token attending more and more on A's subject reads as more and more leakage.
+    own_a, own_b = blob(3, 8, 2.0, floor=floor), blob(12, 8, 2.0, floor=floor)
+    scores = [overlap(own_a, (1 - t) * own_b + t * own_a) for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert scores == sorted(scores) and scores[-1] == pytest.approx(1.0)
+    assert 0.3 < scores[0] < 0.4  # separate subjects: the shared floor (a third of each map's mass) is the overlap
+
+
+def test_assign_is_hungarian_not_greedy() -> None:
+    # Both instances look most like `a`; greedy argmax would give `a` two instances and `b` none.
+    sims = np.array([[0.9, 0.8],   # instance 0: a 0.9, b 0.8
+                     [0.7, 0.2]])  # instance 1: a 0.7, b 0.2
+    assert identity.assign(["a", "b"], sims) == {"a": 1, "b": 0}  # total 1.5, against 1.1 the other way
+    assert identity.assign(["a", "b"], np.array([[0.3, 0.6]])) == {"a": None, "b": 0}  # one instance found
+    assert identity.assign(["a", "b"], np.zeros((0, 2))) == {"a": None, "b": None}
+    three = identity.assign(["a", "b"], np.array([[0.1, 0.1], [0.9, 0.2], [0.2, 0.8]]))  # a spurious third blob
+    assert three == {"a": 1, "b": 2}
 
 
 def test_segment_regions_split_the_foreground_by_the_strongest_map() -> None:
@@ -131,9 +162,12 @@ def test_judge_identity_mixing_and_margin() -> None:
 
 
 def test_load_map_normalises_and_rejects_bad_files(tmp_path: Path) -> None:
-    np.save(tmp_path / "m.npy", np.array([[0, 2], [1, 0]], np.float16))
+    np.save(tmp_path / "m.npy", np.array([[0, 2], [1, 0]], np.float32))
     np.testing.assert_allclose(identity.load_map(tmp_path / "m.npy"), [[0, 1], [0.5, 0]])
-    np.save(tmp_path / "v.npy", np.ones(4))
+    np.save(tmp_path / "h.npy", np.array([[0, 2], [1, 0]], np.float16))  # lossy: an older sample stage's map
+    with pytest.raises(InvalidInputError, match=r"h\.npy: attention map is float16, expected float32"):
+        identity.load_map(tmp_path / "h.npy")
+    np.save(tmp_path / "v.npy", np.ones(4, np.float32))
     with pytest.raises(InvalidInputError, match=r"v\.npy: expected"):
         identity.load_map(tmp_path / "v.npy")
     (tmp_path / "x.npy").write_text("nope")

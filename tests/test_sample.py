@@ -133,7 +133,7 @@ def test_run_sample_writes_images_maps_and_manifest_deterministically(base: Path
         assert [Path(a).name for a in row.attention] == [f"{row.prompt_idx:03d}_0_{c}.npy" for c in row.concepts]
         for a in row.attention:
             m = np.load(out / a)
-            assert m.dtype == np.float16 and m.shape == (4, 4) and float(m.max()) == 1.0 and float(m.min()) >= 0
+            assert m.dtype == np.float32 and m.shape == (4, 4) and float(m.max()) == 1.0 and float(m.min()) >= 0
     multi = [np.load(out / a) for a in df["attention"].iloc[2]]
     assert not np.array_equal(multi[0], multi[1])  # each concept token has its own map
     assert not (out.parent / ".samples.partial").exists()
