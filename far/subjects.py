@@ -25,6 +25,7 @@ The interface, for any new finder (the world's oracle, for instance):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from PIL import Image
 from far.config import EvalConfig, SegmentConfig
 from far.errors import InvalidInputError
 
+log = logging.getLogger(__name__)
 NMS_IOU = 0.5  # detector boxes overlapping more than this are one subject (the higher score is kept)
 
 
@@ -158,4 +160,7 @@ def make_finder(cfg: EvalConfig, segment: SegmentConfig, device: str = "cpu") ->
         raise InvalidInputError("eval.subject_finder segment cannot use segment.backend provided: generated images "
                                 "have no masks beside them; use auto, rembg or grabcut")
     segmenter = Segmenter(segment)
+    if segmenter.backend == "grabcut":  # far/grabcut.py keeps the largest piece: built for one-subject photos
+        log.warning("eval.subject_finder segment with the GrabCut backend finds at most one main subject per image, "
+                    "so multi-concept identity undercounts; install u2netp (`far weights`) or use owlv2")
     return SegmentFinder(segmenter, segmenter.label, cfg.min_subject_area)

@@ -37,10 +37,11 @@ def test_segment_finder_takes_pil_or_arrays_and_refuses_other_input() -> None:
         finder(np.zeros((8, 8), np.float32), ["dog"])
 
 
-def test_make_finder_refuses_provided_masks_and_names_a_missing_detector(tmp_path: Path, monkeypatch) -> None:
+def test_make_finder_refuses_provided_masks_and_names_a_missing_detector(tmp_path: Path, monkeypatch, caplog) -> None:
     with pytest.raises(InvalidInputError, match="segment.backend provided"):
         make_finder(EvalConfig(), SegmentConfig(backend="provided"))
     assert make_finder(EvalConfig(), SegmentConfig(backend="grabcut")).label.startswith("segment instances (grabcut")
+    assert "at most one main subject" in caplog.text  # GrabCut keeps one subject: said, not silent
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = EvalConfig(subject_finder="owlv2", detector_model=str(tmp_path / "no-such-owlv2"))
     with pytest.raises(BackboneError, match=r"eval\.detector_model: .*no-such-owlv2.*eval\.subject_finder: segment"):
