@@ -34,7 +34,7 @@ run: $(VENV)/.installed weights
 	@echo "Metrics: $(CURDIR)/reports/metrics.json"
 
 # The experiments side by side at a glance: changed params, headline metrics (README, "Ablations and experiments").
-EXPS_DROP := Created|per_concept\.|.*n_images|.*leakage_pairs|.*_seconds
+EXPS_DROP := Created|State|Executor|per_concept\.|.*n_images|.*leakage_pairs|.*_seconds|(reports|data|models|dvclive|far|stages)/
 exps: $(VENV)/.installed
 	$(BIN)/dvc exp show --only-changed --drop '$(EXPS_DROP)' $(ARGS)
 
