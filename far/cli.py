@@ -65,6 +65,15 @@ def weights(
     print(f"{model}: {install(model, dest, tarball)}")
 
 
+def _register_world() -> None:
+    from far.world.cli import app as world_app
+
+    app.add_typer(world_app, name="world")
+
+
+_register_world()
+
+
 def main() -> None:
     """Console-script entry point."""
     run_app(app, prog="far")
