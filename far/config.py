@@ -56,12 +56,17 @@ class ModelConfig(Section):
     seed: int = 0
     tiny: TinyModelConfig = TinyModelConfig()
 
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_64(cls, v: int) -> int:
-        if v % 64:
-            raise ValueError(f"must be a multiple of 64 (the UNet halves the latent 3 times), got {v}")
-        return v
+    @model_validator(mode="after")
+    def _resolution_suits_the_tiny_model(self) -> ModelConfig:
+        # Only the tiny model is known here; any other is checked when loaded (far.models.check_resolution).
+        if self.pretrained == "tiny":
+            vae, halvings = 2 ** (len(self.tiny.vae_channels) - 1), len(self.tiny.unet_channels) - 1
+            if self.resolution % (vae * 2**halvings):
+                raise ValueError(
+                    f"resolution: {self.resolution} is invalid: must be a multiple of {vae * 2**halvings} (the tiny "
+                    f"VAE downsamples {vae}x and its UNet halves the latent {halvings} times)"
+                )
+        return self
 
 
 # -------------------------------------------------------------------------------------------- concepts
@@ -232,6 +237,9 @@ class TrainConfig(Section):
     lora_rank: PositiveInt = 4  # `modules: lora` only; lora_alpha = rank (scale 1)
     train_token_embeddings: bool = True
     prior_weight: NonNegFloat = 1.0
+    # Prior rows per instance row in every micro-batch (DreamBooth: 1, one class image per instance image);
+    # the rows are dealt in this fixed ratio, so prior_weight is the prior term's real weight. 0: no prior rows.
+    prior_ratio: NonNegFloat = 1.0
     masked_loss: bool = False  # diffusion loss only inside the union of the concept masks (rows with masks)
     latent: Literal["mean", "sample"] = "mean"  # cached VAE latent: posterior mean, or one seeded sample per row
     gradient_checkpointing: bool = False
@@ -391,6 +399,8 @@ def _describe(err: dict[str, Any], raw: Any) -> str:
         return f"missing key {path!r}"
     value = _lookup(raw, loc)
     msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a section's own validator: its message starts with the key path inside it
+        return f"{path}.{msg}" if msg.split(":", 1)[0].split(".", 1)[0] in value else f"{path}: {msg}"
     return f"{path}: {value!r} is invalid: {msg}"
 
 

@@ -12,7 +12,9 @@ Choices the paper leaves open (ours):
   (default; or A/sum(A) against M/sum(M), or raw), MSE against the soft mask M (area-downsampled {0,1}
   mask, values in [0,1]) at the map's resolution; mean over layers and over (row, concept) pairs whose
   concept is in the image and whose identifier is in the prompt.
-- Exclusivity: mean of the normalised A over the cells covered by other concepts (not by k itself).
+- Exclusivity: mean of the normalised A over the cells covered by other concepts (not by k itself), averaged
+  over layers and the valid pairs whose image holds another concept (a single-subject row has no such term,
+  so it does not dilute the mean).
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def normalize_maps(maps: torch.Tensor, how: str) -> torch.Tensor:
 
 def _layer_terms(
     maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, how: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over valid (b, k) of the refine MSE and of the exclusivity term, for one layer.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums over valid (b, k) of the refine MSE and of the exclusivity term, and the number of pairs the
+    exclusivity sum covers (valid pairs with another concept's cells in the image), for one layer.
 
     maps (B, HW, K) probabilities; masks (B, K, HW) soft {0..1} at the same resolution; valid (B, K) bool.
     """
@@ -76,7 +79,8 @@ def _layer_terms(
     others = (m.sum(1, keepdim=True) - m).clamp(0, 1) * (1 - m)  # (B, K, HW): other concepts' cells, not k's
     excl = (a * others).sum(-1) / others.sum(-1).clamp_min(EPS)  # (B, K)
     v = valid.float()
-    return (mse * v).sum(), (excl * v).sum()
+    with_others = v * (others.sum(-1) > 0).float()  # (B, K)
+    return (mse * v).sum(), (excl * with_others).sum(), with_others.sum()
 
 
 def refine_losses(
@@ -85,19 +89,18 @@ def refine_losses(
     valid: torch.Tensor,
     normalize: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_refine, L_exclusivity): means over layers and valid (row, concept) pairs; zeros if none is valid.
+    """(L_refine, L_exclusivity): means over layers and valid (row, concept) pairs (for L_exclusivity only
+    the pairs whose image holds another concept); each is zero when it has no pair.
 
     maps: layer -> (B, HW, K); masks: layer -> (B, K, HW) soft masks at that layer's resolution.
     """
+    zero = sum(a.sum() for a in maps.values()) * 0.0 if maps else torch.zeros(())  # keeps the graph
     n = valid.sum() * len(maps)
-    refine = excl = None
+    refine, excl, n_excl = zero, zero, 0.0
     for name, a in maps.items():
-        r, e = _layer_terms(a, masks[name].to(a.device), valid.to(a.device), normalize)
-        refine, excl = (r, e) if refine is None else (refine + r, excl + e)
-    if refine is None or n == 0:
-        zero = sum(a.sum() for a in maps.values()) * 0.0 if maps else torch.zeros(())
-        return zero, zero
-    return refine / n, excl / n
+        r, e, ne = _layer_terms(a, masks[name].to(a.device), valid.to(a.device), normalize)
+        refine, excl, n_excl = refine + r, excl + e, n_excl + ne
+    return (refine / n if n > 0 else zero), (excl / n_excl if n_excl > 0 else zero)
 
 
 def attention_in_mask(maps: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], valid: torch.Tensor) -> float:

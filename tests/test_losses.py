@@ -72,6 +72,20 @@ def test_refine_is_zero_for_a_map_equal_to_the_mask_and_high_for_the_wrong_one()
     assert r_one.item() == pytest.approx(0.5)
 
 
+def test_exclusivity_is_averaged_over_the_pairs_that_have_other_concepts_in_the_image():
+    mask = torch.zeros(2, 2, 16)
+    mask[0, 0, :4], mask[0, 1, 8:12] = 1, 1  # row 0: both concepts
+    mask[1, 0, :4] = 1  # row 1: concept 0 alone
+    swapped = mask[0:1].transpose(1, 2).flip(-1)  # row 0: each concept attends to the other's region
+    maps = torch.cat([swapped, mask[1:2].transpose(1, 2)])  # (2, 16, 2); row 1 attends to its own mask
+    valid = torch.tensor([[True, True], [True, False]])
+    refine, excl = refine_losses({"l": maps}, {"l": mask}, valid)
+    assert excl.item() == pytest.approx(1.0)  # the lone-concept row has no exclusivity term to dilute it
+    assert refine.item() == pytest.approx((0.5 + 0.5 + 0.0) / 3)  # refine still counts every valid pair
+    _, only_single = refine_losses({"l": maps[1:]}, {"l": mask[1:]}, valid[1:])
+    assert only_single.item() == 0.0
+
+
 def test_normalize_and_downsample():
     a = torch.tensor([[1.0, 2.0, 4.0]])
     assert normalize_maps(a, "max").tolist() == [[0.25, 0.5, 1.0]]
