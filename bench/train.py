@@ -95,7 +95,7 @@ def make_stepper(mode: str, args: dict):
     cfg.refine.weight = 0.1 if mode == "on" else 0.0
     text.resize_token_embeddings(49410, mean_resizing=False)  # two identifier tokens, as add_concept_tokens does
     trainable = select_trainable(unet, text, "crossattn_kv", [49408, 49409])
-    layers = select_layers(unet, cfg.refine.downscale)
+    layers = select_layers(unet, cfg.refine.downscale, 8)  # both models' VAEs downsample 8x
     collector = AttentionCollector()
     if mode == "on":
         install_concept_processors(unet, collector, layers)

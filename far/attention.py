@@ -116,14 +116,17 @@ class ConceptAttnProcessor:
                 raise RuntimeError(f"{self.name}: {hw} query positions, expected {expected} (1/{self.factor} latent)")
         if not col.keep_grad:
             q, k = q.detach(), k.detach()
-        logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale  # (B, h, HW, T), fp32 for a stable lse
-        if mask is not None:
-            logits = logits + mask.float()
-        lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, h, HW, 1)
-        cols = col.columns.to(logits.device)
-        probs = (logits[..., cols] - lse).exp().mean(dim=1)  # (B, HW, n): head-averaged, concept columns only
-        sel = col.selection.to(logits.device, torch.float32)[:, cols, :]  # (B, n, K)
-        maps = probs @ sel  # (B, HW, K)
+        # fp32 for a stable lse: under mixed precision autocast would run these matmuls in bf16/fp16 whatever
+        # the inputs' dtype (up to 2.7 % off the fp32 softmax in bf16), so it is switched off here.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale  # (B, h, HW, T)
+            if mask is not None:
+                logits = logits + mask.float()
+            lse = logits.logsumexp(dim=-1, keepdim=True)  # (B, h, HW, 1)
+            cols = col.columns.to(logits.device)
+            probs = (logits[..., cols] - lse).exp().mean(dim=1)  # (B, HW, n): head-averaged, concept columns only
+            sel = col.selection.to(logits.device, torch.float32)[:, cols, :]  # (B, n, K)
+            maps = probs @ sel  # (B, HW, K), fp32
         col.maps.setdefault(self.name, maps)
 
 
@@ -147,12 +150,12 @@ def cross_attention_layers(unet) -> dict[str, int]:
     return layers
 
 
-def select_layers(unet, downscale: Sequence[int], blocks: str = "all") -> dict[str, int]:
-    """Cross-attention layers whose maps have one cell per `downscale` image pixels (VAE factor 8 included).
+def select_layers(unet, downscale: Sequence[int], vae_factor: int, blocks: str = "all") -> dict[str, int]:
+    """Cross-attention layers whose maps have one cell per `downscale` image pixels (`vae_factor` image pixels
+    per latent cell, `far.models.vae_factor`, times the layer's latent/map factor).
 
     Raises InvalidInputError naming the available values when nothing matches.
     """
-    vae_factor = 8
     layers = cross_attention_layers(unet)
     wanted = {d // vae_factor for d in downscale if d % vae_factor == 0}
     chosen = {

@@ -4,7 +4,7 @@ Each holds everything that decides the rest of the run, so a resumed run ends bi
 an uninterrupted one: the trained tensors (`trainable.safetensors`), optimizer and LR-scheduler state
 (`optimizer.pt`, read back with `weights_only=True`), the noise generator and global torch RNG
 (`rng.pt`), the step and the stream position (`state.json`), and a copy of the dvclive logs so the curves
-stay whole. The embedding's Adam moments are stored for the trained rows only (the others are exactly 0).
+stay whole. The embedding's Adam moments are those of the trained rows only (`packed_rows`: their token ids).
 A checkpoint is used only if its `fingerprint` (params, concepts, base model, data, process count)
 matches the run; stale ones are deleted. Written atomically; the newest `keep` are kept.
 """
@@ -38,29 +38,15 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def _pack_optimizer(state: dict[str, Any], emb_index: int | None, rows: list[int]) -> dict[str, Any]:
+    """Mark the embedding group's state as the trained rows' (it is: far.concepts.TokenRows is (N, D))."""
     if emb_index is None or emb_index not in state["state"]:
         return state
-    inner = dict(state["state"])
-    inner[emb_index] = {
-        k: (v[rows].clone() if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in inner[emb_index].items()
-    }
-    return {**state, "state": inner, "packed_rows": rows}
+    return {**state, "packed_rows": rows}
 
 
-def _unpack_optimizer(state: dict[str, Any], emb_index: int | None, emb_shape: torch.Size) -> dict[str, Any]:
-    rows = state.pop("packed_rows", None)
-    if rows is None or emb_index is None:
-        return state
-    inner = dict(state["state"])
-    full = {}
-    for k, v in inner[emb_index].items():
-        if torch.is_tensor(v) and v.dim() == 2:
-            z = torch.zeros(emb_shape, dtype=v.dtype)
-            z[rows] = v
-            v = z
-        full[k] = v
-    inner[emb_index] = full
-    return {**state, "state": inner}
+def _unpack_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state as `load_state_dict` takes it (the row moments already fit the (N, D) parameter)."""
+    return {k: v for k, v in state.items() if k != "packed_rows"}
 
 
 def save_checkpoint(
@@ -109,14 +95,12 @@ def load_checkpoint(
     optimizer,
     lr_scheduler,
     generator: torch.Generator,
-    emb_index: int | None,
-    emb_shape: torch.Size | None,
     live_dir: Path | None,
 ) -> Resumed:
     """Restore optimizer, scheduler, RNGs and dvclive logs; the trained tensors are returned, not applied."""
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     blob = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(_unpack_optimizer(blob["optimizer"], emb_index, emb_shape))
+    optimizer.load_state_dict(_unpack_optimizer(blob["optimizer"]))
     lr_scheduler.load_state_dict(blob["scheduler"])
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     generator.set_state(rng["generator"])

@@ -85,14 +85,23 @@ def add_concept_tokens(tokenizer, text_encoder, subjects: Sequence[ConceptLike])
 
 
 def _check_distinct(concepts: Sequence[ConceptTokens]) -> None:
-    seen: dict[tuple[int, ...], str] = {}
-    for c in concepts:
-        if c.token_ids in seen:
-            raise InvalidInputError(
-                f"concepts: tokens of {c.name!r} ({c.token!r}) and {seen[c.token_ids]!r} "
-                f"give the same ids {c.token_ids}"
-            )
-        seen[c.token_ids] = c.name
+    """Refuse identifiers whose token ids are equal, or where one's ids occur inside the other's (a prefix
+    such as `<a>` of `<a> <b>`): their maps and losses would share prompt positions."""
+    for i, a in enumerate(concepts):
+        for b in concepts[i + 1 :]:
+            short, long = (a, b) if len(a.token_ids) <= len(b.token_ids) else (b, a)
+            if short.token_ids == long.token_ids:
+                raise InvalidInputError(
+                    f"concepts: tokens of {a.name!r} ({a.token!r}) and {b.name!r} ({b.token!r}) give the same ids "
+                    f"{a.token_ids}; give each concept its own identifier"
+                )
+            n = len(short.token_ids)
+            if any(long.token_ids[j : j + n] == short.token_ids for j in range(len(long.token_ids) - n + 1)):
+                raise InvalidInputError(
+                    f"concepts: the ids of {short.name!r} ({short.token!r}, {short.token_ids}) occur inside those of "
+                    f"{long.name!r} ({long.token!r}, {long.token_ids}), so both would claim the same prompt "
+                    "positions; use identifiers where neither's tokens appear within the other's"
+                )
 
 
 def trained_token_ids(concepts: Sequence[ConceptTokens]) -> list[int]:
@@ -120,17 +129,41 @@ def find_token_positions(input_ids: Sequence[int] | torch.Tensor, token_ids: Seq
     return positions
 
 
-def embedding_row_mask(num_rows: int, rows: Sequence[int]) -> torch.Tensor:
-    """(num_rows, 1) float mask, 1 on `rows`: multiplied into the embedding gradient so only they train."""
-    mask = torch.zeros(num_rows, 1)
-    mask[list(rows)] = 1.0
-    return mask
+class TokenRows(torch.nn.Module):
+    """The trained identifier rows of a token embedding, held as their own small parameter (N, D).
 
-
-def keep_grad_only_on_rows(embedding: torch.nn.Embedding, rows: Sequence[int]) -> torch.utils.hooks.RemovableHandle:
-    """Zero the gradient of every embedding row except `rows` (hook on the weight). Returns the hook handle.
-
-    With a zero gradient and zero weight decay, Adam leaves those rows bit-identical (its moments stay 0).
+    Installed in place of the text encoder's input embedding: ids in `ids` read `rows`, every other id the
+    frozen table, so the optimizer sees N x D values instead of the whole vocabulary. `merge()` writes the
+    rows back into the table and puts the original embedding back (exports and far.load see a plain model).
     """
-    mask = embedding_row_mask(embedding.weight.shape[0], rows).to(embedding.weight.device)
-    return embedding.weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
+
+    def __init__(self, embedding: torch.nn.Embedding, ids: Sequence[int]) -> None:
+        super().__init__()
+        self.table = embedding  # frozen (vocab, D)
+        self.ids = list(ids)  # sorted token ids; rows[i] is token ids[i]
+        self.rows = torch.nn.Parameter(embedding.weight.detach()[self.ids].clone())  # (N, D)
+        lookup = torch.full((embedding.weight.shape[0],), -1, dtype=torch.long)
+        lookup[self.ids] = torch.arange(len(self.ids))
+        self.register_buffer("lookup", lookup, persistent=False)  # token id -> row index, -1 if not trained
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table with the current rows written in (a copy, for code that reads `get_input_embeddings().weight`)."""
+        return self.table.weight.detach().index_copy(0, self.lookup.new_tensor(self.ids), self.rows.detach())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        row = self.lookup[input_ids]  # (B, T), -1 where the frozen table applies
+        trained = self.rows[row.clamp_min(0)]
+        return torch.where((row >= 0).unsqueeze(-1), trained.to(self.table.weight.dtype), self.table(input_ids))
+
+    @classmethod
+    def install(cls, text_encoder, ids: Sequence[int]) -> TokenRows:
+        rows = cls(text_encoder.get_input_embeddings(), ids)
+        text_encoder.set_input_embeddings(rows)
+        return rows
+
+    def merge(self, text_encoder) -> None:
+        """Write the trained rows into the table and put the plain embedding back into `text_encoder`."""
+        with torch.no_grad():
+            self.table.weight[self.ids] = self.rows.to(self.table.weight.dtype)
+        text_encoder.set_input_embeddings(self.table)

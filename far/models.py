@@ -43,10 +43,12 @@ def build_tiny_pipeline(cfg: TinyModelConfig, resolution: int, seed: int) -> Sta
     """A randomly initialised, Stable-Diffusion-2-shaped pipeline small enough for 2 CPU cores.
 
     Same component classes as SD 2.1 (UNet2DConditionModel with cross-attention in all but the last
-    level, an 8x-downsampling AutoencoderKL, a CLIPTextModel, the real CLIP tokenizer), only narrower
-    and shallower. Each component is seeded on its own so changing one size leaves the others alone.
+    level, an AutoencoderKL downsampling 2^(levels - 1)x (8x with the default 4 levels), a CLIPTextModel,
+    the real CLIP tokenizer), only narrower and shallower. Each component is seeded on its own so changing
+    one size leaves the others alone.
     """
     n_levels = len(cfg.unet_channels)
+    latent_side = resolution // 2 ** (len(cfg.vae_channels) - 1)
     text_config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=cfg.text_hidden_size,
@@ -64,7 +66,7 @@ def build_tiny_pipeline(cfg: TinyModelConfig, resolution: int, seed: int) -> Sta
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
-        sample_size=resolution // 8,
+        sample_size=latent_side,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
@@ -111,6 +113,27 @@ def build_tiny_pipeline(cfg: TinyModelConfig, resolution: int, seed: int) -> Sta
     )
 
 
+def vae_factor(vae) -> int:
+    """Image pixels per latent cell: every AutoencoderKL encoder level but the last halves the image (SD: 8)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def resolution_multiple(pipe) -> int:
+    """Resolutions `pipe` runs at are multiples of this: the VAE factor times 2 per UNet down-sampling level."""
+    return vae_factor(pipe.vae) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def check_resolution(pipe, resolution: int, where: Path | str) -> None:
+    """Raise InvalidInputError naming `model.resolution` when the model loaded from `where` cannot run at it."""
+    multiple = resolution_multiple(pipe)
+    if resolution % multiple:
+        raise InvalidInputError(
+            f"model.resolution: {resolution} is invalid for the base model in {where}: must be a multiple of "
+            f"{multiple} (its VAE downsamples {vae_factor(pipe.vae)}x and its UNet halves the latent "
+            f"{len(pipe.unet.config.block_out_channels) - 1} times)"
+        )
+
+
 def resolve_pretrained(pretrained: str, revision: str | None = None) -> tuple[Path, dict[str, Any]]:
     """A local diffusers directory for `pretrained` (a path, or a Hub id fetched/found in the HF cache).
 
@@ -123,7 +146,8 @@ def resolve_pretrained(pretrained: str, revision: str | None = None) -> tuple[Pa
         return local.resolve(), {"source": "local", "path": str(local.resolve())}
     if pretrained.count("/") != 1 or pretrained.startswith((".", "/")):
         raise BaseModelError(
-            f"model.pretrained: {pretrained!r} is neither 'tiny', an existing directory, nor a Hub id (org/name)"
+            f"model.pretrained: {pretrained!r} is neither 'tiny', 'world', an existing directory, "
+            "nor a Hub id (org/name)"
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -186,7 +210,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def prepare_base_model(cfg: ModelConfig, out: Path) -> dict[str, Any]:
-    """Build (tiny) or resolve + verify (anything else) the base model into `out`, atomically.
+    """Build (tiny), install the shipped world model (world) or resolve + verify (anything else) into `out`, atomically.
 
     Writes `out/far_base.json` with what was used; returns that record. A non-tiny value is never
     replaced by the tiny model: it is used or the stage fails.
@@ -198,9 +222,15 @@ def prepare_base_model(cfg: ModelConfig, out: Path) -> dict[str, Any]:
             pipe.save_pretrained(tmp, safe_serialization=True)
             verified = verify_diffusers_dir(tmp)
             record: dict[str, Any] = {"source": "tiny", "seed": cfg.seed, "tiny": cfg.tiny.model_dump()}
+        elif cfg.pretrained == "world":
+            from far.world.weights import install_base
+
+            record = install_base(tmp, cfg.resolution)  # hashes checked against MANIFEST.json first; fp16 -> fp32
+            verified = verify_diffusers_dir(tmp)
         else:
             src, record = resolve_pretrained(cfg.pretrained, cfg.revision)
             verified = verify_diffusers_dir(src)  # errors name the user's directory, not our temporary one
+            check_resolution(verified, cfg.resolution, src)
             _copy_tree(src, tmp)
             (tmp / SOURCE_FILE).unlink(missing_ok=True)
         record |= {

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from far.concepts import TokenRows
+
 PRESETS = ("crossattn_kv", "crossattn", "lora", "unet")
 _SUFFIXES = {
     "crossattn_kv": ("attn2.to_k.", "attn2.to_v."),
@@ -28,12 +30,21 @@ class Trainable:
     """The UNet parameters being trained (names as in `unet.state_dict()`), and the embedding rows."""
 
     unet_params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
-    embedding_rows: list[int] = field(default_factory=list)  # token ids whose embedding rows train
-    embedding: torch.nn.Parameter | None = None  # the whole embedding weight (only `embedding_rows` move)
+    tokens: TokenRows | None = None  # installed in the text encoder; its `rows` (N, D) train
+
+    @property
+    def embedding_rows(self) -> list[int]:
+        """Token ids whose embedding rows train, in the order of `embedding`'s rows."""
+        return self.tokens.ids if self.tokens is not None else []
+
+    @property
+    def embedding(self) -> torch.nn.Parameter | None:
+        """The trained identifier rows (N, D), or None."""
+        return self.tokens.rows if self.tokens is not None else None
 
     def count(self) -> dict[str, int]:
         unet = sum(p.numel() for p in self.unet_params.values())
-        emb = len(self.embedding_rows) * (self.embedding.shape[1] if self.embedding is not None else 0)
+        emb = self.embedding.numel() if self.embedding is not None else 0
         return {"unet": unet, "token_embeddings": emb, "total": unet + emb}
 
 
@@ -49,8 +60,8 @@ def select_trainable(
     unet, text_encoder, preset: str, token_ids: list[int] | None, lora_rank: int = 4
 ) -> Trainable:
     """Freeze everything, then unfreeze `preset` in `unet` (adding LoRA layers for `lora`) and, if
-    `token_ids` is given, the text encoder's token embedding (gradients of other rows are zeroed by
-    `far.concepts.keep_grad_only_on_rows`, installed by the trainer)."""
+    `token_ids` is given, install `far.concepts.TokenRows` in the text encoder: those rows train as their
+    own parameter (call `trainable.tokens.merge(text_encoder)` to write them back when done)."""
     if preset not in PRESETS:
         raise ValueError(f"train.modules: {preset!r} is not one of {PRESETS}")
     unet.requires_grad_(False)
@@ -68,9 +79,7 @@ def select_trainable(
         raise ValueError(f"train.modules: {preset!r} matched no UNet parameter")
     out = Trainable(unet_params=chosen)
     if token_ids:
-        out.embedding = text_encoder.get_input_embeddings().weight
-        out.embedding.requires_grad_(True)
-        out.embedding_rows = sorted(set(token_ids))
+        out.tokens = TokenRows.install(text_encoder, sorted(set(token_ids)))
     return out
 
 

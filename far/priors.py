@@ -9,8 +9,8 @@ Choices the paper leaves open (ours):
 - one generator per image, seeded from (priors.seed, class word, index): an image does not depend on the
   batch size or on which other class words are configured (a 32-bit SeedSequence draw; the class word
   enters as its CRC-32);
-- the image size is the base model's native one (UNet sample size x VAE factor), so priors match what
-  the model generates; the fuse stage resizes them to `model.resolution` if that differs;
+- the image size is `model.resolution` (passed to the pipeline as height and width), the size the model is
+  trained and sampled at; a model that cannot run at it fails before any image is made;
 - the mask comes from the same backend as the references (`segment.*`), so prior masks and reference
   masks have the same biases.
 """
@@ -51,8 +51,11 @@ def prior_specs(concepts: ConceptsConfig, cfg: PriorsConfig) -> list[tuple[str, 
     ]
 
 
-def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: PriorsConfig) -> Iterator[np.ndarray]:
-    """(H, W, 3) uint8 RGB images, one per (prompt, seed), made `cfg.batch_size` at a time.
+def generate(
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: PriorsConfig, resolution: int | None = None
+) -> Iterator[np.ndarray]:
+    """(H, W, 3) uint8 RGB images, one per (prompt, seed), made `cfg.batch_size` at a time; H = W = `resolution`
+    (None: the model's native size).
 
     Each image has its own torch.Generator, so its initial latent is the same whatever the batch; DDIM
     adds no further noise. `pipe` is a diffusers StableDiffusionPipeline.
@@ -68,6 +71,8 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: Prior
                 num_inference_steps=cfg.num_inference_steps,
                 guidance_scale=cfg.guidance_scale,
                 generator=generators,
+                height=resolution,
+                width=resolution,
                 output_type="np",
             ).images  # (B, H, W, 3) float in [0, 1]
         for img in images:
@@ -75,9 +80,11 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: Prior
 
 
 def write_priors(
-    pipe: Any, out: Path, concepts: ConceptsConfig, cfg: PriorsConfig, segment: SegmentConfig
+    pipe: Any, out: Path, concepts: ConceptsConfig, cfg: PriorsConfig, segment: SegmentConfig,
+    resolution: int | None = None,
 ) -> list[dict]:
     """Generate, segment and write every prior image into `out` atomically; returns the manifest rows.
+    Images are `resolution` square (`model.resolution`; None: the model's native size).
 
     Segmentation is the segment stage's (far/segment.py, same `segment.*` params). The `provided` backend
     has no masks for generated images, so priors then use `grabcut` (logged).
@@ -95,7 +102,7 @@ def write_priors(
         backend = "grabcut"
     segmenter = Segmenter(segment, backend)
     pipe.set_progress_bar_config(**diffusers_progress_config())
-    images = generate(pipe, [s[2] for s in specs], [s[3] for s in specs], cfg)
+    images = generate(pipe, [s[2] for s in specs], [s[3] for s in specs], cfg, resolution)
     rows: list[dict] = []
     with atomic_dir(out) as tmp:
         for (word, i, prompt, seed), rgb in progress(zip(specs, images, strict=True), "priors", total=len(specs)):

@@ -185,7 +185,7 @@ def apply_delta(pipe: Any, delta: Path) -> None:
 
 
 def generate(pipe: Any, jobs: list[Job], concepts: ConceptsConfig, cfg: SampleConfig, out: Path,
-             where: Path | None = None) -> None:
+             where: Path | None = None, resolution: int | None = None) -> None:
     """Generate `jobs` into `out` in batches of `cfg.batch_size`; each image's maps go to `out/attn/`.
 
     The .npy maps are written before the image, so an image on disk means the job is complete.
@@ -195,7 +195,8 @@ def generate(pipe: Any, jobs: list[Job], concepts: ConceptsConfig, cfg: SampleCo
     layers = choose_layers(pipe.unet, cfg.attention_downscale, pipe.vae_scale_factor)
     collector = AttentionCollector()
     install_concept_processors(pipe.unet, collector, layers)
-    maps = StepMaps(collector, layers, pipe.unet.config.sample_size)
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor  # None: the native size
+    maps = StepMaps(collector, layers, resolution // pipe.vae_scale_factor)
     pipe.set_progress_bar_config(**diffusers_progress_config())
     guided = cfg.guidance_scale > 1  # diffusers' rule for classifier-free guidance
 
@@ -221,6 +222,8 @@ def generate(pipe: Any, jobs: list[Job], concepts: ConceptsConfig, cfg: SampleCo
             num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
+            height=resolution,
+            width=resolution,
             output_type="pil",
             callback_on_step_end=step_end,
         ).images
@@ -249,9 +252,10 @@ def manifest_rows(jobs: list[Job], concepts: ConceptsConfig, out: Path) -> list[
     return rows
 
 
-def _fingerprint(base: Path, delta: Path | None, cfg: SampleConfig, concepts: ConceptsConfig) -> str:
+def _fingerprint(base: Path, delta: Path | None, cfg: SampleConfig, concepts: ConceptsConfig,
+                 resolution: int | None = None) -> str:
     """What the images depend on; a partial run is resumed only if this is unchanged."""
-    h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), concepts.model_dump(mode="json")]).encode())
+    h = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), concepts.model_dump(mode="json"), resolution]).encode())
     files = [base / "far_base.json", base / "model_index.json"]
     if delta is not None:
         files += sorted(p for p in delta.glob("*") if p.is_file())
@@ -262,13 +266,13 @@ def _fingerprint(base: Path, delta: Path | None, cfg: SampleConfig, concepts: Co
 
 
 def run_sample(base: Path, delta: Path | None, out: Path, cfg: SampleConfig, concepts: ConceptsConfig,
-               pipe: Any | None = None) -> dict[str, Any]:
+               pipe: Any | None = None, resolution: int | None = None) -> dict[str, Any]:
     """The whole stage: load, apply the delta, generate what is missing, write the manifest, publish `out`.
 
     `delta=None` samples the base model (tests pass a `pipe` they prepared themselves). Returns the
     summary also written to `out/sample.json`.
     """
-    from far.models import load_base_pipeline
+    from far.models import check_resolution, load_base_pipeline
 
     specs = build_prompts([(c.name, c.token, c.class_word) for c in concepts.subjects], cfg.prompts_per_concept,
                           cfg.multi_prompts, cfg.multi_max_concepts, cfg.live_classes)
@@ -283,11 +287,13 @@ def run_sample(base: Path, delta: Path | None, out: Path, cfg: SampleConfig, con
             apply_delta(pipe, delta)
     concept_token_ids(pipe.tokenizer, concepts, delta or base)  # fail before any work on unknown tokens
     choose_layers(pipe.unet, cfg.attention_downscale, pipe.vae_scale_factor)
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor  # `model.resolution`
+    check_resolution(pipe, resolution, base)
     set_scheduler(pipe, cfg.scheduler)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 
     work = out.parent / f".{out.name}.partial"  # survives a kill; reused only for identical inputs
-    key = _fingerprint(base, delta, cfg, concepts)
+    key = _fingerprint(base, delta, cfg, concepts, resolution)
     if work.exists() and not ((work / ".key").is_file() and (work / ".key").read_text() == key):
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -295,7 +301,7 @@ def run_sample(base: Path, delta: Path | None, out: Path, cfg: SampleConfig, con
     todo = [j for j in jobs if not (work / f"{j.stem}.png").is_file()]
     start = time.perf_counter()
     if todo:
-        generate(pipe, todo, concepts, cfg, work, where=delta or base)
+        generate(pipe, todo, concepts, cfg, work, where=delta or base, resolution=resolution)
     seconds = time.perf_counter() - start
     table = pa.Table.from_pylist(manifest_rows(jobs, concepts, work), schema=MANIFEST_SCHEMA)
     pq.write_table(table, work / MANIFEST, compression="zstd")
@@ -304,7 +310,7 @@ def run_sample(base: Path, delta: Path | None, out: Path, cfg: SampleConfig, con
         "prompts": len(specs), "seconds": round(seconds, 2),
         "images_per_second": round(len(todo) / seconds, 3) if todo else None,
         "device": str(pipe.device), "scheduler": type(pipe.scheduler).__name__,
-        "attention_side": pipe.unet.config.sample_size * pipe.vae_scale_factor // min(cfg.attention_downscale),
+        "resolution": resolution, "attention_side": resolution // min(cfg.attention_downscale),
         "params": cfg.model_dump(mode="json"), "base": str(base), "delta": str(delta) if delta else None,
         "base_model": _base_name(base),
     }

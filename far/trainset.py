@@ -4,16 +4,22 @@ with cached VAE latents and cached masks at each attention resolution.
 Concept Fusion materialises every augmentation ahead of time, so a row's image never changes during a
 run: its VAE latent (posterior mean, or one sample seeded by the row id: `train.latent`), its tokenized
 prompt and its masks at every needed resolution are computed once, on first use, and kept for the run.
-This removes the VAE encoder from every step after the first epoch. Rows whose image is not
-resolution x resolution are resized (not cropped; masks with nearest-neighbour) - ours, the fuse stage
-already writes the model resolution.
+This removes the VAE encoder from every step after the first epoch. Every image and mask must be
+`model.resolution` square (the fuse stage writes them so); any other size is an error, never resized.
+
+Instance rows (reference, single, fusion) and prior rows are two streams dealt in the fixed ratio
+`train.prior_ratio` (prior rows per instance row, DreamBooth's 1 by default): row j of the run is a prior
+row exactly when floor((j + 1) s) > floor(j s), s = ratio / (1 + ratio), so any B consecutive rows hold
+floor or ceil of B s priors and the first n rows exactly floor(n s) - a position alone resumes both streams.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +32,38 @@ from far.concepts import ConceptTokens
 from far.dataset import decode_image, decode_mask, open_training_set
 from far.errors import InvalidInputError
 from far.losses import downsample_mask
-
-VAE_FACTOR = 8
+from far.models import vae_factor
 
 
 class RowStream:
     """Endless row stream: epoch e visits the row groups in a permutation seeded by (seed, e) and shuffles
     the rows inside each group the same way. Only one row group is in memory at a time; `rows(start)`
-    resumes at any global position (whole groups before it are skipped from the metadata, not read)."""
+    resumes at any global position (whole groups before it are skipped from the metadata, not read).
+    `prior` True / False keeps only the prior / the instance rows (by `kind`); None keeps every row."""
 
-    def __init__(self, path: Path | str, seed: int) -> None:
-        self.path, self.seed = Path(path), seed
+    def __init__(self, path: Path | str, seed: int, prior: bool | None = None) -> None:
+        self.path, self.seed, self.prior = Path(path), seed, prior
         self.file = open_training_set(path)
-        self.group_sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
-        self.num_rows = sum(self.group_sizes)
-        if self.num_rows == 0:
+        groups = range(self.file.num_row_groups)
+        if self.file.metadata.num_rows == 0:
             raise InvalidInputError(f"{path}: the training set has no rows")
+        if prior is None:
+            self.group_rows: list[list[int] | None] = [None for _ in groups]  # None: every row of the group
+            self.group_sizes = [self.file.metadata.row_group(i).num_rows for i in groups]
+        else:
+            kinds = [self.file.read_row_group(i, columns=["kind"]).column("kind").to_pylist() for i in groups]
+            self.group_rows = [[j for j, k in enumerate(ks) if (k == "prior") == prior] for ks in kinds]
+            self.group_sizes = [len(r) for r in self.group_rows]
+        self.num_rows = sum(self.group_sizes)
 
     def _order(self, epoch: int) -> tuple[list[int], np.random.Generator]:
-        rng = np.random.default_rng([self.seed, epoch])
+        salt = [] if self.prior is None else [int(self.prior)]  # the two kinds' streams are shuffled apart
+        rng = np.random.default_rng([self.seed, epoch, *salt])
         return list(rng.permutation(len(self.group_sizes))), rng
 
     def rows(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        if self.num_rows == 0:
+            raise InvalidInputError(f"{self.path}: no {'prior' if self.prior else 'instance'} rows to stream")
         epoch, offset = divmod(start, self.num_rows)
         while True:
             order, rng = self._order(epoch)
@@ -57,10 +73,43 @@ class RowStream:
                     offset -= len(perm)
                     continue
                 table = self.file.read_row_group(int(g)).to_pylist()
+                index = self.group_rows[g]
                 for i in perm[offset:]:
-                    yield table[int(i)]
+                    yield table[int(i) if index is None else index[int(i)]]
                 offset = 0
             epoch += 1
+
+
+class RatioStream:
+    """The training rows: instance and prior rows dealt in the fixed ratio `prior_ratio` (module docstring)."""
+
+    def __init__(self, path: Path | str, seed: int, prior_ratio: float) -> None:
+        self.instance = RowStream(path, seed, prior=False)
+        ratio = Fraction(prior_ratio).limit_denominator(1000)  # exact, so floor(n * share) never drifts
+        self.share = ratio / (1 + ratio)  # of all rows, the prior ones
+        self.prior = RowStream(path, seed, prior=True) if ratio > 0 else None
+        self.num_rows = self.instance.file.metadata.num_rows
+        if self.instance.num_rows == 0:
+            raise InvalidInputError(f"{path}: no instance rows (kind reference, single or fusion) to train on")
+        if self.prior is not None and self.prior.num_rows == 0:
+            raise InvalidInputError(
+                f"train.prior_ratio: {prior_ratio} needs prior rows, but {path} has none (kind 'prior'); "
+                "set train.prior_ratio: 0, or keep fusion.include_priors: true and priors.per_class > 0"
+            )
+
+    def priors_before(self, n: int) -> int:
+        """How many of the first `n` rows of the run are prior rows."""
+        return math.floor(n * self.share)
+
+    def rows(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The run's rows from global position `start` on."""
+        done = self.priors_before(start)
+        instance = self.instance.rows(start - done)
+        prior = self.prior.rows(done) if self.prior is not None else iter(())
+        j = start
+        while True:
+            yield next(prior) if self.priors_before(j + 1) > self.priors_before(j) else next(instance)
+            j += 1
 
 
 @dataclass
@@ -107,6 +156,7 @@ class RowPreparer:
     ) -> None:
         self.tokenizer, self.vae, self.concepts = tokenizer, vae, list(concepts)
         self.resolution, self.latent_mode, self.seed = resolution, latent_mode, seed
+        self.latent_side = resolution // vae_factor(vae)  # h = w of the latents
         self.factors = sorted({1, *factors})
         self.index = {c.name: k for k, c in enumerate(self.concepts)}
         self.cache: dict[str, PreparedRow] = {}
@@ -119,42 +169,49 @@ class RowPreparer:
             raw = [decode_mask(m) for m in row["masks"]]
         except ValueError as exc:
             raise InvalidInputError(f"training row {row['id']!r}: {exc}") from None
-        if image.shape[:2] != (r, r):
-            image = cv2.resize(image, (r, r), interpolation=cv2.INTER_AREA)
+        sizes = [image.shape[:2], *(m.shape for m in raw)]
+        if any(tuple(size) != (r, r) for size in sizes):
+            bad = next(tuple(size) for size in sizes if tuple(size) != (r, r))
+            raise InvalidInputError(
+                f"training row {row['id']!r}: image or mask is {bad[1]}x{bad[0]} px, but model.resolution is {r}; "
+                "re-run the fuse stage at this resolution (rows are never resized)"
+            )
         masks = np.zeros((len(self.concepts), r, r), bool)
         present = torch.zeros(len(self.concepts), dtype=torch.bool)
         for name, m in zip(row["concepts"], raw, strict=True):
             k = self.index.get(name)
             if k is None:  # e.g. a class-prior subject: not a concept we learn
                 continue
-            if m.shape != (r, r):
-                m = cv2.resize(m.astype(np.uint8), (r, r), interpolation=cv2.INTER_NEAREST) > 0
             masks[k] |= m
             present[k] = True
         return image, masks, present
 
     @torch.no_grad()
     def _encode(self, images: list[np.ndarray], ids: list[str]) -> torch.Tensor:
-        """(N, 4, h, w) scaled latents of (R, R, 3) uint8 images."""
+        """(N, 4, h, w) scaled latents of (R, R, 3) uint8 images.
+
+        One image per VAE call: kernels pick algorithms by batch size, so a latent encoded beside other rows
+        can differ in the last bit from the same row encoded alone, and a resumed run (empty cache, other
+        groupings) would not end bit-identical to an uninterrupted one.
+        """
         device, dtype = self.vae.device, self.vae.dtype
-        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, R, R)
-        dist = self.vae.encode(pixels.to(device, dtype)).latent_dist
-        if self.latent_mode == "mean":
+        out = []
+        for image, row_id in zip(images, ids, strict=True):
+            pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, R, R)
+            dist = self.vae.encode(pixels.to(device, dtype)).latent_dist
             lat = dist.mean
-        else:
-            eps = torch.stack(
-                [torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(_row_seed(self.seed, i)))
-                 for i in ids]
-            )
-            lat = dist.mean + dist.std * eps.to(device, dist.mean.dtype)
-        return (lat * self.vae.config.scaling_factor).float().cpu()
+            if self.latent_mode == "sample":
+                g = torch.Generator().manual_seed(_row_seed(self.seed, row_id))
+                lat = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device, dist.mean.dtype)
+            out.append(lat)
+        return (torch.cat(out) * self.vae.config.scaling_factor).float().cpu()
 
     def prepare(self, rows: Sequence[dict[str, Any]]) -> list[PreparedRow]:
         todo = [row for row in rows if row["id"] not in self.cache]
         if todo:
             decoded = [self._image_and_masks(row) for row in todo]
             latents = self._encode([d[0] for d in decoded], [row["id"] for row in todo])
-            h = self.resolution // VAE_FACTOR
+            h = self.latent_side
             ids = self.tokenizer(
                 [row["prompt"] for row in todo], padding="max_length", truncation=True,
                 max_length=self.tokenizer.model_max_length, return_tensors="pt",
@@ -171,7 +228,7 @@ class RowPreparer:
         present = torch.stack([p.present for p in prepared])
         selection, valid = selection_matrix(input_ids, [c.token_ids for c in self.concepts], present)
         masks = {f: torch.stack([p.masks[f] for p in prepared]) for f in self.factors}
-        h = self.resolution // VAE_FACTOR
+        h = self.latent_side
         union = masks[1].amax(dim=1).view(-1, 1, h, h) if masks[1].shape[1] else torch.zeros(len(prepared), 1, h, h)
         return Batch(
             latents=torch.stack([p.latent for p in prepared]),

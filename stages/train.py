@@ -16,14 +16,15 @@ def main(
     out: Path = typer.Option(..., help="Output delta directory (models/far)."),
     checkpoints: Path = typer.Option(..., help="Resumable checkpoints (models/checkpoints, persisted)."),
     live: Path = typer.Option(Path("dvclive"), help="dvclive log directory."),
-    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml to read `train` and `concepts` from."),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml: `train`, `concepts`, `model.resolution`."),
     stop_after: int = typer.Option(None, hidden=True, help="Stop after this many steps (tests resuming)."),
 ) -> None:
     """Fine-tune the base model on the fusion set; resume from the last checkpoint if one matches."""
     p = load_params(params)
     from far.train import train  # heavy (torch, diffusers, accelerate): after params are validated
 
-    s = train(p.train, p.concepts, base, data, out, checkpoints, live, stop_after=stop_after)
+    s = train(p.train, p.concepts, base, data, out, checkpoints, live, stop_after=stop_after,
+              resolution=p.model.resolution)
     state = f"-> {out}" if s["done"] else f"stopped early (checkpoint in {checkpoints})"
     print(f"train: {s['steps']}/{p.train.steps} steps, {s['total']:,} trained parameters ({p.train.modules}) {state}")
 

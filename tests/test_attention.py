@@ -34,20 +34,24 @@ def _inputs(seed=0, b=2):
 def test_layers_by_resolution(unet):
     layers = cross_attention_layers(unet)
     assert len(layers) == 10 and all(".attn2." in n for n in layers)  # 3 down + 1 mid + 6 up
-    chosen = select_layers(unet, [16])  # 16 px per cell = latent / 2
+    chosen = select_layers(unet, [16], 8)  # 16 px per cell = latent / 2
     assert set(chosen.values()) == {2}
     assert {n.split(".")[0] + n.split(".")[1] for n in chosen} == {"down_blocks1", "up_blocks2"}
-    assert set(select_layers(unet, [16], "up")) < set(chosen)
-    assert set(select_layers(unet, [8, 32]).values()) == {1, 4}
-    assert list(select_layers(unet, [64]).values()) == [8]  # the mid block
+    assert set(select_layers(unet, [16], 8, "up")) < set(chosen)
+    assert set(select_layers(unet, [8, 32], 8).values()) == {1, 4}
+    assert list(select_layers(unet, [64], 8).values()) == [8]  # the mid block
     with pytest.raises(InvalidInputError, match=r"train.refine.downscale \[128\].*\[8, 16, 32, 64\]"):
-        select_layers(unet, [128])
+        select_layers(unet, [128], 8)
+    # behind a VAE that downsamples 4x, the same layers have one cell per half as many image pixels
+    assert select_layers(unet, [8], 4) == chosen
+    with pytest.raises(InvalidInputError, match=r"\[4, 8, 16, 32\]"):
+        select_layers(unet, [64], 4)
 
 
 def test_outputs_unchanged_and_maps_equal_explicit_softmax(unet):
     x, t, ctx = _inputs()
     ref = unet(x, t, ctx).sample
-    layers = select_layers(unet, [16, 32])
+    layers = select_layers(unet, [16, 32], 8)
     col = AttentionCollector()
     install_concept_processors(unet, col, layers)
     try:
@@ -86,7 +90,7 @@ def test_outputs_unchanged_and_maps_equal_explicit_softmax(unet):
 
 def test_refine_gradient_is_the_same_with_gradient_checkpointing(unet):
     x, t, ctx = _inputs(1)
-    layers = select_layers(unet, [16])
+    layers = select_layers(unet, [16], 8)
     ids = torch.tensor([[49406, 11, 12, 13] + [49407] * 73] * 2)
     sel, valid = selection_matrix(ids, [[11], [12, 13]])
     masks = {n: (torch.rand(2, 2, 64, generator=torch.Generator().manual_seed(2)) > 0.5).float() for n in layers}
@@ -118,3 +122,26 @@ def test_selection_respects_presence():
     sel, valid = selection_matrix(ids, [[5, 6], [7]], present=torch.tensor([[True, True], [False, True]]))
     assert valid.tolist() == [[True, False], [False, True]]  # row 0 lacks token 7; row 1's concept 0 not in image
     assert torch.allclose(sel[0, [1, 2, 4, 5], 0], torch.full((4,), 0.25))
+
+
+def test_maps_under_bf16_autocast_equal_fp32_maps():
+    """The capture runs in fp32 even inside a bf16 autocast region (as accelerate's mixed precision sets)."""
+    g = torch.Generator().manual_seed(0)
+    # q, k as bf16 linears would give them (exactly representable), at a scale where bf16 logits lose digits
+    q = (torch.randn(2, 4, 64, 16, generator=g) * 3).bfloat16()
+    k = (torch.randn(2, 4, 77, 16, generator=g) * 3).bfloat16()
+    ids = torch.tensor([[49406, 11, 12, 13] + [49407] * 73] * 2)
+    sel, _ = selection_matrix(ids, [[11], [12, 13]])
+    attn = type("Attn", (), {"scale": 16**-0.5})()
+    maps = {}
+    for autocast in (False, True):
+        col = AttentionCollector()
+        col.start(sel, (8, 8))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ConceptAttnProcessor(col, "l", 1)._collect(attn, q, k, None, 64)
+        maps[autocast] = col.maps["l"]
+    assert maps[True].dtype == torch.float32
+    reference = torch.softmax(q.float() @ k.float().transpose(-1, -2) * attn.scale, -1).mean(1)  # (B, HW, T)
+    expected = torch.stack([reference[..., 1], reference[..., 2:4].mean(-1)], -1)
+    torch.testing.assert_close(maps[False], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps[True], maps[False], atol=1e-7, rtol=1e-6)

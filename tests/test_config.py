@@ -58,12 +58,23 @@ def test_duplicate_tokens_are_rejected(params_file):
         d["concepts"]["subjects"][1]["token"] = d["concepts"]["subjects"][0]["token"]
 
     message = _error(params_file, same_token)
-    assert "subjects.1.token: '<far-dog>' is already used by subjects.0" in message
+    assert message.endswith("concepts.subjects.1.token: '<far-dog>' is already used by subjects.0"), message
+    assert "data/concepts" not in message  # the section's whole value is not printed
 
 
-def test_resolution_must_suit_the_unet(params_file):
+def test_resolution_must_suit_the_tiny_model(params_file):
     message = _error(params_file, lambda d: d["model"].__setitem__("resolution", 100))
     assert "model.resolution: 100 is invalid" in message and "multiple of 64" in message
+    assert "unet_channels" not in message
+
+    def three_vae_levels(d):  # a VAE that downsamples 4x: 32 px steps
+        d["model"]["tiny"]["vae_channels"] = [16, 32, 64]
+        d["model"]["resolution"] = 96
+
+    p = load_params(params_file(three_vae_levels))
+    assert p.model.resolution == 96
+    message = _error(params_file, lambda d: (three_vae_levels(d), d["model"].__setitem__("resolution", 80)))
+    assert "model.resolution: 80 is invalid: must be a multiple of 32 (the tiny VAE downsamples 4x" in message
 
 
 def test_invalid_yaml_and_missing_file(tmp_path: Path):

@@ -31,7 +31,7 @@ def _trained(setup, preset):
     root, base, data = setup
     out = root / preset
     if not (out / "far").exists():
-        cfg = train_config(steps=2, learning_rate=1e-2, modules=preset, checkpoint_every=100)
+        cfg = train_config(steps=2, learning_rate=1e-2, modules=preset, checkpoint_every=100, prior_ratio=0.0)
         with one_thread():
             train(cfg, concepts(), base, data, out / "far", out / "ckpt", None, log=lambda s: None)
     return out / "far"

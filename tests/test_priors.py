@@ -54,6 +54,12 @@ def test_images_do_not_depend_on_batch_size(tiny_pipe):
     assert np.abs(one[0].astype(int) - one[1].astype(int)).mean() > 10  # different seeds, different images
 
 
+def test_images_are_made_at_the_resolution_asked_for(tiny_pipe):
+    """model.resolution reaches the pipeline as height and width (the model's native size here is 64)."""
+    [image] = generate(tiny_pipe, ["a photo of a dog"], [0], PriorsConfig(num_inference_steps=1), resolution=128)
+    assert image.shape == (128, 128, 3)
+
+
 @pytest.mark.slow
 def test_priors_stage_end_to_end(tmp_path, params_file):
     def edit(p):

@@ -150,7 +150,7 @@ def test_a_killed_run_resumes_with_its_finished_images(base: Path, fresh, tmp_pa
     out = tmp_path / "samples"
     work = tmp_path / ".samples.partial"  # what a run killed after its first batch leaves behind
     work.mkdir()
-    (work / ".key").write_text(_fingerprint(base, None, cfg, CONCEPTS))
+    (work / ".key").write_text(_fingerprint(base, None, cfg, CONCEPTS, 128))  # the base model's native size
     specs = build_prompts([(c.name, c.token, c.class_word) for c in CONCEPTS.subjects], 1, 1, 2, ["dog", "cat"])
     generate(pipe_with_tokens(base), [Job(specs[0], 0), Job(specs[1], 0)], CONCEPTS, cfg, work)
     summary = run_sample(base, None, out, cfg, CONCEPTS, pipe=pipe_with_tokens(base))
@@ -209,7 +209,8 @@ def test_sample_stage_applies_the_trained_delta(base: Path, tmp_path: Path, para
     from tests.conftest import run
 
     def edit(p: dict) -> None:
-        p["train"].update(steps=1, checkpoint_every=1)
+        p["train"].update(steps=1, checkpoint_every=1, prior_ratio=0.0)  # the fixture's rows hold no prior
+        p["model"]["resolution"] = 128  # the base model's and the fixture rows' size
         p["sample"].update(SMALL)
 
     params = params_file(edit)

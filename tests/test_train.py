@@ -10,15 +10,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
+from safetensors.torch import load_file
 
-from far.delta import DELTA_FILE
+from far.config import SampleConfig
+from far.delta import DELTA_FILE, EMBEDDING_KEY
 from far.errors import InvalidInputError
 from far.models import load_base_pipeline
-from far.train import TrainingDivergedError, measure_attention_in_mask, train
+from far.sample import run_sample
+from far.train import TrainingDivergedError, measure_attention_in_mask, train, train_step
+from far.train import setup as setup_run
 from tests.conftest import ROOT, project_env
-from tests.train_fixtures import base_model, composites, concepts, one_thread, train_config
+from tests.train_fixtures import RESOLUTION, base_model, composites, concepts, one_thread, train_config
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +82,12 @@ def test_resume_after_stop_gives_identical_weights_and_whole_logs(setup):
     metrics = json.loads((part / "live/metrics.json").read_text())
     assert metrics["step"] == 5 and set(metrics["train"]) >= {"loss", "diffusion", "prior", "refine", "lr"}
     assert sorted(p.name for p in (part / "ckpt").iterdir()) == ["step-000004", "step-000005"]  # keep_checkpoints
+    # the checkpoint format is unchanged: the identifier rows and their Adam moments, (N, D), by token id
+    assert load_file(str(part / "ckpt/step-000005/trainable.safetensors"))[EMBEDDING_KEY].shape == (2, 64)
+    opt = torch.load(part / "ckpt/step-000005/optimizer.pt", weights_only=True)["optimizer"]
+    assert opt["packed_rows"] == [49408, 49409]
+    emb_state = opt["state"][max(opt["state"])]  # the embedding group comes last
+    assert emb_state["exp_avg"].shape == emb_state["exp_avg_sq"].shape == (2, 64)
 
 
 def test_accumulation_checkpointing_bf16_masked_loss_and_presets_run(setup):
@@ -86,6 +99,58 @@ def test_accumulation_checkpointing_bf16_masked_loss_and_presets_run(setup):
     metrics = json.loads((out / "live/metrics.json").read_text())["train"]
     assert all(v == v and abs(v) < 1e3 for v in metrics.values()), metrics  # finite
     assert metrics["exclusivity"] > 0
+
+
+@pytest.mark.parametrize(("ratio", "batch", "expected"), [(1.0, 2, {"instance": 6, "prior": 6}),
+                                                         (0.5, 3, {"instance": 12, "prior": 6}),
+                                                         (0.0, 2, {"instance": 12, "prior": 0})])
+def test_prior_ratio_holds_over_a_run(setup, ratio, batch, expected):
+    """12 fusion + 4 prior rows: whatever the data's share, the run sees `prior_ratio` priors per instance row."""
+    cfg = train_config(steps=6, batch_size=batch, prior_ratio=ratio, checkpoint_every=100, log_every=6,
+                       refine={"weight": 0.0})
+    _, s = _run(cfg, setup, f"ratio{ratio}")
+    assert s["done"] and s["rows"] == expected
+
+
+def test_the_unet_trains_in_training_mode(setup, tmp_path):
+    root, base, data = setup
+    with one_thread():
+        run = setup_run(train_config(), concepts(), base, data, tmp_path / "ckpt", None, log=lambda s: None)
+        modes = []
+        run.unet.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        train_step(run)
+    assert modes == [True] and run.text_encoder.training  # the token rows train: the text encoder too
+    assert run.trainable.embedding.shape == (2, 64)  # only the identifier rows are a parameter
+    assert not any(p.requires_grad for n, p in run.text_encoder.named_parameters() if "rows" not in n)
+
+
+def test_a_4x_vae_model_trains_and_samples_at_model_resolution(setup, tmp_path):
+    """Tiny model whose VAE has 3 levels (4x): latents, masks, refine layers and sampling follow its config."""
+    root = setup[0]
+    with one_thread():
+        base = base_model(root, 64, vae_channels=[16, 32, 64])
+        data = composites(root, count=6, priors=2, resolution=64)
+    cfg = train_config(steps=2, learning_rate=1e-2, log_every=1, refine={"downscale": [8]})  # 8 px/cell: 8x8 maps
+    out, s = _run(cfg, (root, base, data), "vae4x", resolution=64)
+    assert s["done"] and s["rows"] == {"instance": 2, "prior": 2}
+    meta = json.loads((out / "far" / "far_delta.json").read_text())
+    assert meta["resolution"] == 64 and set(meta["refine_layers"].values()) == {2}
+    metrics = json.loads((out / "live/metrics.json").read_text())["train"]
+    assert 0 < metrics["attn_in_mask"] < 1 and metrics["refine"] > 0
+    scfg = SampleConfig(seeds=[0], num_inference_steps=2, prompts_per_concept=1, multi_prompts=1, batch_size=2,
+                        attention_downscale=[8])
+    with one_thread():
+        summary = run_sample(base, out / "far", tmp_path / "samples", scfg, concepts(), resolution=96)
+    assert summary["resolution"] == 96 and summary["attention_side"] == 12
+    with Image.open(next((tmp_path / "samples").glob("*.png"))) as im:
+        assert im.size == (96, 96)
+    assert np.load(next((tmp_path / "samples/attn").glob("*.npy"))).shape == (12, 12)
+    # a resolution the model cannot run at, or rows made at another size, fail naming model.resolution
+    with pytest.raises(InvalidInputError, match=r"model.resolution: 80 is invalid for the base model in .*"
+                                                r"multiple of 32 \(its VAE downsamples 4x"):
+        _run(cfg, (root, base, data), "vae4x_bad", resolution=80)
+    with pytest.raises(InvalidInputError, match=r"is 64x64 px, but model.resolution is 96"):
+        _run(cfg, (root, base, data), "vae4x_mismatch", resolution=96)
 
 
 def test_changed_params_do_not_resume_from_stale_checkpoints(setup):
@@ -114,6 +179,7 @@ def _params(tmp: Path, **train_overrides) -> Path:
         c["images"] = str(ROOT / c["images"])
     data["train"].update(train_overrides)
     data["train"]["refine"]["downscale"] = [16]
+    data["model"]["resolution"] = RESOLUTION  # the test composites' size: the stage trains at model.resolution
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from far.config import ConceptsConfig, ModelConfig, TrainConfig
+from far.config import ConceptsConfig, ModelConfig, TinyModelConfig, TrainConfig
 from far.dataset import write_training_set
 from far.models import prepare_base_model
 from far.trainset import simple_composites
@@ -27,10 +27,11 @@ def concepts() -> ConceptsConfig:
     return ConceptsConfig.model_validate(data)
 
 
-def base_model(root: Path, resolution: int = RESOLUTION) -> Path:
-    out = root / f"base{resolution}"
+def base_model(root: Path, resolution: int = RESOLUTION, **tiny) -> Path:
+    """The tiny base model at `resolution`; `tiny` overrides its sizes (e.g. vae_channels=[16, 32, 64]: 4x VAE)."""
+    out = root / ("base" + str(resolution) + "".join(f"_{k}{v}" for k, v in sorted(tiny.items())))
     if not out.exists():
-        prepare_base_model(ModelConfig(resolution=resolution), out)
+        prepare_base_model(ModelConfig(resolution=resolution, tiny=TinyModelConfig(**tiny)), out)
     return out
 
 
