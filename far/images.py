@@ -106,15 +106,17 @@ def pixel_digest(rgb: np.ndarray) -> str:
 def list_images(folder: Path | str, exclude_suffix: str | None = None) -> list[Path]:
     """Candidate reference files of a concept folder: every regular, non-hidden file, sorted by name.
 
-    Files ending in `exclude_suffix` (the `provided` masks, e.g. `_mask.png`) are not candidates. Raises
-    InvalidInputError naming the folder if it does not exist or holds no candidate file.
+    Files ending in `exclude_suffix` (the `provided` masks, e.g. `_mask.png`) and `.json` sidecars (a world
+    concept's `world.json`, far/world/concepts.py) are not candidates. Raises InvalidInputError naming the
+    folder if it does not exist or holds no candidate file.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InvalidInputError(f"{folder}: concept image folder does not exist")
     files = sorted(
         p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not (exclude_suffix and p.name.endswith(exclude_suffix))
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".json"
+        and not (exclude_suffix and p.name.endswith(exclude_suffix))
     )
     if not files:
         raise InvalidInputError(f"{folder}: concept image folder is empty (no reference images)")
