@@ -189,7 +189,15 @@ def place_layers(
 
 def plate(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
     """A procedural (side, side, 3) uint8 background: `plain` (one colour, faint vertical shading),
-    `gradient` (two colours along a random direction) or `noise` (smooth low-frequency colour noise)."""
+    `gradient` (two colours along a random direction), `noise` (smooth low-frequency colour noise) or
+    `world` (one of the world's named backgrounds, far/world/render.py, with a random texture seed)."""
+    if kind == "world":
+        from far.world.render import render_background
+        from far.world.vocab import BACKGROUNDS
+
+        name = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        img = render_background(name, side, int(rng.integers(2**31)))
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
     c0 = rng.uniform(0, 255, 3).astype(np.float32)
     small = max(2, side // 8)  # smooth plates are made small and upscaled: same look, a fraction of the work
     if kind == "plain":
@@ -207,7 +215,7 @@ def plate(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
         low = rng.uniform(0, 255, (cells, cells, 3)).astype(np.float32)
         img = cv2.resize(low, (small, small), interpolation=cv2.INTER_CUBIC)
     else:
-        raise ValueError(f"unknown plate kind {kind!r} (plain | gradient | noise)")
+        raise ValueError(f"unknown plate kind {kind!r} (plain | gradient | noise | world)")
     small_u8 = np.clip(img, 0, 255).astype(np.uint8)
     return cv2.resize(small_u8, (side, side), interpolation=cv2.INTER_LINEAR)
 

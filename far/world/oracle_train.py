@@ -143,3 +143,14 @@ def accuracy(oracle: Oracle, scenes: list[Scene], images: np.ndarray) -> dict[st
     per_image = {"background", "count"}
     return {k: v / (len(scenes) if k in per_image else max(n_subjects, 1)) for k, v in hits.items()} | {
         "images": len(scenes), "subjects": n_subjects}
+
+
+def save_oracle(net: OracleNet, cfg: OracleTrainConfig, path) -> None:  # noqa: ANN001 - str | Path
+    """fp16 safetensors with the architecture in the metadata (width, resolution) and the training seed."""
+    from safetensors.torch import save_file
+
+    from far.io import atomic_file
+
+    meta = {"width": str(cfg.width), "resolution": str(cfg.resolution), "seed": str(cfg.seed), "steps": str(cfg.steps)}
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().half().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
