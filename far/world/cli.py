@@ -24,3 +24,102 @@ def pretrain_cmd(
 
     cfg = PretrainConfig(seed=seed, steps=steps, vae_steps=vae_steps, pool_size=pool_size)
     print(f"final model: {pretrain(cfg, work, threads)}")
+
+
+@app.command("export")
+def export_cmd(
+    snapshot: Path = typer.Option(..., help="pretrain snapshot to ship, e.g. .world/pretrain/snapshots/step-8000"),
+    oracle: Path = typer.Option(Path(".world/oracle.safetensors"), help="oracle weights (far world oracle)"),
+    clip: Path = typer.Option(Path(".world/clip.pt"), help="world CLIP checkpoint (far world clip)"),
+    base_record: Path | None = typer.Option(None, help="pretraining provenance JSON; default: the snapshot's own"),
+    oracle_record: Path | None = typer.Option(None, help="oracle provenance JSON; default: <oracle>.json if present"),
+    clip_record: Path | None = typer.Option(None, help="CLIP provenance JSON; default: <clip>.json if present"),
+    dest: Path | None = typer.Option(None, help="folder to write; default: far/world/weights (shipped)"),
+    allow_unknown_provenance: bool = typer.Option(False, help="export even if a command/seed/steps/time is unknown"),
+) -> None:
+    """Write the shipped weights (base in fp16, oracle, CLIP) and MANIFEST.json with hashes and provenance."""
+    from far.world.weights import export_weights
+
+    records = {"base": base_record, "oracle": oracle_record, "clip": clip_record}
+    manifest = export_weights(snapshot, oracle, clip, records, dest, allow_unknown_provenance)
+    total = sum(f["size"] for f in manifest["files"].values())
+    print(f"exported {len(manifest['files'])} files ({total / 2**20:.1f} MiB) to {dest or 'far/world/weights'}")
+    for name, keys in manifest["unknown"].items():
+        print(f"warning: {name} provenance unknown: {', '.join(keys)}")
+
+
+@app.command("concepts")
+def concepts_cmd(
+    out: Path = typer.Option(Path("data/concepts"), help="folder that receives one concept folder per world dog"),
+    pair: list[str] = typer.Option(["default", "pair2"], help="which pairs of far/world/concepts.py PAIRS"),
+) -> None:
+    """Render the world dogs' reference scenes as concept folders (images, masks, world.json)."""
+    from far.world.concepts import PAIRS, write_concept
+
+    unknown = sorted(set(pair) - set(PAIRS))
+    if unknown:
+        raise typer.BadParameter(f"--pair: {unknown} unknown; known: {sorted(PAIRS)}")
+    for name in pair:
+        for dog in PAIRS[name]:
+            print(f"{name}: {write_concept(dog, out)} ({dog.body} {dog.cls}, {dog.part} part, {dog.pattern}; "
+                  f"references on {', '.join(dog.backgrounds)})")
+
+
+def _load_vae(work: Path):  # noqa: ANN202 - diffusers AutoencoderKL
+    from diffusers import AutoencoderKL
+
+    vae_dir = work / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise typer.BadParameter(f"{vae_dir}: no trained VAE yet; run `far world pretrain --work {work}` first")
+    latents = work / "latents.pt"
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    if latents.is_file():
+        import torch
+
+        vae.register_to_config(scaling_factor=torch.load(latents, weights_only=True)["scaling_factor"])
+    return vae
+
+
+@app.command("oracle")
+def oracle_cmd(
+    work: Path = typer.Option(Path(".world/pretrain"), help="pretrain work folder (its trained VAE is used)"),
+    out: Path = typer.Option(Path(".world/oracle.safetensors"), help="oracle weights to write"),
+    steps: int = typer.Option(1500),
+    threads: int = typer.Option(1),
+) -> None:
+    """Train the oracle on renders and their VAE round trips; print its held-out accuracy."""
+    import torch
+
+    from far.world.oracle_train import OracleTrainConfig, accuracy, render_set, round_trip, train_oracle
+
+    torch.set_num_threads(threads)
+    cfg = OracleTrainConfig(steps=steps)
+    vae = _load_vae(work)
+    oracle = train_oracle(cfg, vae)
+    oracle.save(out, seed=cfg.seed, steps=cfg.steps, scenes=cfg.scenes)
+    images, _, _, scenes = render_set(cfg.seed + 500, 500, cfg.resolution)
+    print("held-out renders:", accuracy(oracle, scenes, images))
+    print("held-out round trips:", accuracy(oracle, scenes, round_trip(vae, images)))
+
+
+@app.command("clip")
+def clip_cmd(
+    work: Path = typer.Option(Path(".world/pretrain"), help="pretrain work folder (its trained VAE is used)"),
+    out: Path = typer.Option(Path(".world/clip.pt"), help="CLIP checkpoint to write"),
+    steps: int = typer.Option(1500),
+    threads: int = typer.Option(1),
+) -> None:
+    """Train the world CLIP contrastively on scenes and captions; print its held-out zero-shot accuracy."""
+    import numpy as np
+    import torch
+
+    from far.world.clip import ClipTrainConfig, save_clip, train_clip, zero_shot
+    from far.world.render import render, sample_scene
+
+    torch.set_num_threads(threads)
+    cfg = ClipTrainConfig(steps=steps)
+    model = train_clip(cfg, _load_vae(work))
+    save_clip(model, out)
+    rng = np.random.default_rng(cfg.seed + 500)
+    scenes = [sample_scene(rng, 1) for _ in range(500)]
+    print("held-out zero-shot:", zero_shot(model, scenes, np.stack([render(s, cfg.resolution)[0] for s in scenes])))

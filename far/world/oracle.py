@@ -1,11 +1,13 @@
 """The oracle: reads a world image's truth back from its pixels alone.
 
-It never sees attention maps, prompts or anything from training; it sees an RGB image. A small fully
-convolutional network labels every pixel with the class of the subject it belongs to (or background) and
-that subject's body colour, part colour and pattern, and the whole image with its background. Subjects are
-then the connected regions of one (class, body colour) label; each subject's attributes are the mean of its
-pixels' probabilities. Trained on rendered scenes and on their round trips through the world's VAE (what
-generated images look like), see `train_oracle`.
+It never sees attention maps, prompts or anything from training; it sees an RGB image. Two small networks:
+1. `PixelNet` labels every pixel as subject or background, with the body colour of the subject it belongs
+   to, and the whole image with its background; subjects are the connected regions of one body colour.
+2. `SubjectNet` reads each subject from a square crop around it plus its mask: class (a question of shape,
+   which needs the whole silhouette), body colour, part colour and pattern.
+(A single per-pixel network, tried first, read colours but not classes: 28 % class accuracy, chance.)
+Trained on rendered scenes and on their round trips through the world's VAE (what generated images look
+like), see far/world/oracle_train.py.
 
 Two subjects of the same class and body colour that touch read as one subject (the renderer keeps subjects
 mostly apart, see far/world/render.py); the oracle's measured accuracy is in reports/bench/world.json.
@@ -24,13 +26,11 @@ from torch import nn
 
 from far.world.vocab import BACKGROUNDS, CLASSES, COLOUR_NAMES, PATTERNS
 
-HEADS = {  # per-pixel heads (class 0 is background) and the image-level background head
-    "cls": 1 + len(CLASSES),
-    "body": len(COLOUR_NAMES),
-    "part": len(COLOUR_NAMES),
-    "pattern": len(PATTERNS),
-}
+PIXEL_HEADS = {"fg": 2, "body": len(COLOUR_NAMES)}  # per pixel: subject or background; the owner's body colour
+SUBJECT_HEADS = {"cls": len(CLASSES), "body": len(COLOUR_NAMES), "part": len(COLOUR_NAMES), "pattern": len(PATTERNS)}
 MIN_AREA = 0.012  # a subject covers at least this fraction of the image (~49 px at 64 px)
+CROP = 32  # px side of the square crop (grown 15 % around the subject) the subject head reads
+CROP_MARGIN = 0.15
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -38,10 +38,10 @@ def _block(cin: int, cout: int) -> nn.Sequential:
                          nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
 
 
-class OracleNet(nn.Module):
-    """A 3-level U-Net on a stride-2 stem: (B, 3, H, W) in [-1, 1] -> per-pixel logits per head (B, C, H, W),
-    predicted at H/2 and upsampled bilinearly (4x cheaper than full resolution; subjects span >= 7 px), and
-    (B, 5) background logits."""
+class PixelNet(nn.Module):
+    """Stage 1, a 3-level U-Net on a stride-2 stem: (B, 3, H, W) in [-1, 1] -> per-pixel logits per PIXEL_HEADS
+    (B, C, H, W), predicted at H/2 and upsampled bilinearly, and (B, 5) background logits. Only local
+    questions (is this pixel a subject, of which body colour): shape and parts are stage 2's."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -49,7 +49,7 @@ class OracleNet(nn.Module):
         self.stem = nn.Conv2d(3, w, 4, stride=2, padding=1)
         self.enc1, self.enc2, self.enc3 = _block(w, w), _block(w, 2 * w), _block(2 * w, 4 * w)
         self.dec2, self.dec1 = _block(6 * w, 2 * w), _block(3 * w, w)
-        self.pixel = nn.Conv2d(w, sum(HEADS.values()), 1)
+        self.pixel = nn.Conv2d(w, sum(PIXEL_HEADS.values()), 1)
         self.background = nn.Linear(4 * w, len(BACKGROUNDS))
 
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -59,8 +59,48 @@ class OracleNet(nn.Module):
         d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], 1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
         logits = F.interpolate(self.pixel(d1), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return dict(zip(HEADS, torch.split(logits, list(HEADS.values()), dim=1), strict=True)), \
-            self.background(e3.mean(dim=(2, 3)))
+        heads = dict(zip(PIXEL_HEADS, torch.split(logits, list(PIXEL_HEADS.values()), dim=1), strict=True))
+        return heads, self.background(e3.mean(dim=(2, 3)))
+
+
+class SubjectNet(nn.Module):
+    """Stage 2: one subject's crop and mask (B, 4, CROP, CROP) -> logits per SUBJECT_HEADS (B, C)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _block(4, w), nn.AvgPool2d(2), _block(w, 2 * w), nn.AvgPool2d(2), _block(2 * w, 4 * w), nn.AvgPool2d(2),
+            _block(4 * w, 4 * w),
+        )
+        self.heads = nn.Linear(4 * w, sum(SUBJECT_HEADS.values()))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.heads(self.features(x).mean(dim=(2, 3)))
+        return dict(zip(SUBJECT_HEADS, torch.split(logits, list(SUBJECT_HEADS.values()), dim=1), strict=True))
+
+
+def crop_boxes(masks: np.ndarray) -> np.ndarray:
+    """(K, H, W) bool masks -> (K, 4) float square boxes (x0, y0, x1, y1) grown by CROP_MARGIN around each."""
+    boxes = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        half = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) * (1 + 2 * CROP_MARGIN) / 2
+        boxes.append((cx - half, cy - half, cx + half, cy + half))
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+def subject_crops(x: torch.Tensor, image_index: np.ndarray, masks: np.ndarray) -> torch.Tensor:
+    """Stage-2 inputs: x (B, 3, H, W) in [-1, 1], masks (K, H, W) bool of subjects in images image_index (K,)
+    -> (K, 4, CROP, CROP): the image and the subject's mask (as -1/1), bilinearly resampled, zero outside."""
+    from torchvision.ops import roi_align
+
+    if not len(masks):
+        return torch.zeros(0, 4, CROP, CROP)
+    planes = torch.cat([x[torch.as_tensor(image_index)], torch.from_numpy(masks).float().unsqueeze(1) * 2 - 1], 1)
+    boxes = torch.cat([torch.arange(len(masks), dtype=torch.float32)[:, None], torch.from_numpy(crop_boxes(masks))], 1)
+    return roi_align(planes, boxes, output_size=CROP, spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
 @dataclass(frozen=True)
@@ -109,32 +149,22 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == i for i in range(1, n)]
 
 
-def decode(pixel: dict[str, np.ndarray], background: np.ndarray, min_area: float = MIN_AREA) -> Reading:
-    """One image's reading from its probabilities: pixel[head] (C, H, W), background (5,)."""
-    cls_map = pixel["cls"].argmax(0)
-    body_map = pixel["body"].argmax(0)
-    h, w = cls_map.shape
+def regions(fg: np.ndarray, body: np.ndarray, min_area: float = MIN_AREA) -> list[np.ndarray]:
+    """Subjects' pixels from stage 1's maps, fg (H, W) bool and body colour (H, W) int: the connected regions
+    of one body colour inside the foreground, at least `min_area` of the image (smaller ones are noise)."""
+    h, w = fg.shape
     found = []
-    for c in range(1, HEADS["cls"]):
-        for b in range(HEADS["body"]):
-            for region in _components((cls_map == c) & (body_map == b)):
-                if region.sum() < min_area * h * w:
-                    continue
-                probs = {k: v[:, region].mean(axis=1) for k, v in pixel.items()}
-                conf = float(np.mean([probs["cls"][c], probs["body"][b], probs["part"].max(), probs["pattern"].max()]))
-                found.append(SubjectReading(
-                    CLASSES[c - 1], COLOUR_NAMES[b], COLOUR_NAMES[int(probs["part"].argmax())],
-                    PATTERNS[int(probs["pattern"].argmax())], region, conf,
-                ))
-    found.sort(key=lambda s: s.bbox[0])  # left to right, like captions
-    return Reading(BACKGROUNDS[int(background.argmax())], tuple(found))
+    for b in np.unique(body[fg]):
+        found += [r for r in _components(fg & (body == b)) if r.sum() >= min_area * h * w]
+    return found
 
 
 class Oracle:
     """Loads the shipped oracle weights and reads images: `oracle.read(images) -> [Reading, ...]`."""
 
-    def __init__(self, net: OracleNet, resolution: int, label: str = "world-oracle") -> None:
-        self.net = net.eval()
+    def __init__(self, pixel: PixelNet, subject: SubjectNet, resolution: int, label: str = "world-oracle") -> None:
+        self.pixel = pixel.eval()
+        self.subject = subject.eval()
         self.resolution = resolution
         self.label = label
 
@@ -142,30 +172,60 @@ class Oracle:
     def load(path: Path | str) -> Oracle:
         from safetensors.torch import load_file
 
+        from far.io import file_sha256
+
         path = Path(path)
-        state = load_file(path)
+        state = {k: v.float() for k, v in load_file(path).items()}
         meta = _metadata(path)
-        net = OracleNet(int(meta["width"]))
-        net.load_state_dict({k: v.float() for k, v in state.items()})
-        return Oracle(net, int(meta["resolution"]), label=f"world-oracle@{meta.get('sha256', '')[:12]}")
+        pixel, subject = PixelNet(int(meta["width"])), SubjectNet(int(meta["subject_width"]))
+        pixel.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("pixel.")})
+        subject.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("subject.")})
+        return Oracle(pixel, subject, int(meta["resolution"]), label=f"world-oracle@{file_sha256(path)[:12]}")
+
+    def save(self, path: Path | str, **metadata: str) -> None:
+        """fp16 safetensors; the architecture (widths, resolution) and `metadata` in its header."""
+        from safetensors.torch import save_file
+
+        from far.io import atomic_file
+
+        tensors = {f"pixel.{k}": v for k, v in self.pixel.state_dict().items()}
+        tensors |= {f"subject.{k}": v for k, v in self.subject.state_dict().items()}
+        widths = {"width": self.pixel.stem.out_channels, "subject_width": self.subject.features[0][0].out_channels}
+        meta = {k: str(v) for k, v in (widths | {"resolution": self.resolution} | metadata).items()}
+        with atomic_file(path) as tmp:
+            save_file({k: v.detach().half().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
     @torch.no_grad()
-    def probabilities(self, images: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        pixel, bg = self.net(to_input(images, self.resolution))
-        return {k: v.softmax(1).numpy() for k, v in pixel.items()}, bg.softmax(1).numpy()
-
     def read(self, images: np.ndarray | list, batch_size: int = 64) -> list[Reading]:
         """Readings of (B, H, W, 3) uint8 images (or a list of PIL images / arrays); masks at input size."""
         arrays = [np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else np.asarray(im) for im in images]
         out: list[Reading] = []
         for i in range(0, len(arrays), batch_size):
-            chunk = arrays[i : i + batch_size]
-            size = chunk[0].shape[:2]
-            pixel, bg = self.probabilities(np.stack(chunk))
-            for j in range(len(chunk)):
-                reading = decode({k: v[j] for k, v in pixel.items()}, bg[j])
-                if size != (self.resolution, self.resolution):
-                    reading = _resize_masks(reading, size)
+            chunk = np.stack(arrays[i : i + batch_size])
+            x = to_input(chunk, self.resolution)
+            pixel, bg = self.pixel(x)
+            fg = pixel["fg"].argmax(1).numpy().astype(bool)
+            body = pixel["body"].argmax(1).numpy()
+            found = [regions(fg[j], body[j]) for j in range(len(chunk))]
+            index = np.array([j for j, rs in enumerate(found) for _ in rs], dtype=np.int64)
+            masks = np.array([r for rs in found for r in rs]).reshape(-1, *fg.shape[1:])
+            probs = {k: v.softmax(1).numpy() for k, v in self.subject(subject_crops(x, index, masks)).items()} \
+                if len(masks) else {}
+            k = 0
+            for j, rs in enumerate(found):
+                subjects = []
+                for r in rs:
+                    p = {h: v[k] for h, v in probs.items()}
+                    k += 1
+                    subjects.append(SubjectReading(
+                        CLASSES[int(p["cls"].argmax())], COLOUR_NAMES[int(p["body"].argmax())],
+                        COLOUR_NAMES[int(p["part"].argmax())], PATTERNS[int(p["pattern"].argmax())], r,
+                        float(np.mean([v.max() for v in p.values()])),
+                    ))
+                subjects.sort(key=lambda s: s.bbox[0])  # left to right, like captions
+                reading = Reading(BACKGROUNDS[int(bg[j].argmax())], tuple(subjects))
+                if chunk.shape[1:3] != (self.resolution, self.resolution):
+                    reading = _resize_masks(reading, chunk.shape[1:3])
                 out.append(reading)
         return out
 
