@@ -30,7 +30,11 @@ from far.errors import InvalidInputError
 from far.io import atomic_dir, write_text
 
 TEMPLATE = "report.html.j2"
+EXPERIMENTS_TEMPLATE = "experiments.html.j2"
 FUSION_KIND_ORDER = ("fusion", "single", "reference", "prior")  # most telling first
+# The experiment table's first columns after the name (flattened metrics.json keys): the figures compared first.
+HEADLINE = ("overall.clip_t", "overall.clip_i", "overall.dino", "multi_concept.identity_accuracy",
+            "multi_concept.identity_mixing")
 
 
 @dataclass
@@ -119,22 +123,36 @@ def read_metrics(path: Path, ctx: Context) -> None:
     if not path.is_file():
         ctx.missing.append(f"{path} (run the `evaluate` stage)")
         return
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(metrics, dict):
-        raise InvalidInputError(f"{path}: expected a JSON object with overall/per_concept/multi_concept/backbones")
-    backbones = flatten(metrics.get("backbones", {}))
-    ctx.tiny_backbones = any("tiny" in str(v).lower() for k, v in backbones.items() if "sha" not in k)
-    # hashes identify the exact weights; 12 hex digits are enough to tell runs apart on the page
-    ctx.backbones = [(k, str(v)[:12] if "sha" in k and isinstance(v, str) else _fmt(v)) for k, v in backbones.items()]
+    metrics = _read_json(path, "overall/per_concept/multi_concept")
     for section in ("overall", "per_concept", "multi_concept"):
         if isinstance(metrics.get(section), dict):
             ctx.metric_tables += metric_tables(metrics[section], section.replace("_", " "))
-    others = {k: v for k, v in metrics.items() if k not in {"overall", "per_concept", "multi_concept", "backbones"}}
+    others = {k: v for k, v in metrics.items() if k not in {"overall", "per_concept", "multi_concept"}}
     if others:
         ctx.metric_tables += metric_tables(others, "other")
+
+
+def read_backbones(eval_dir: Path | None, ctx: Context) -> None:
+    """The names of the metric backbones and the subject finder: `<eval>/backbones.json` (far.metrics writes it
+    beside the tables; metrics.json holds numbers only). Tiny offline backbones raise the page's warning."""
+    path = eval_dir / "backbones.json" if eval_dir is not None else None
+    if path is None or not path.is_file():
+        ctx.missing.append(f"{path or '<eval>/backbones.json'} (run the `evaluate` stage)")
+        return
+    backbones = flatten(_read_json(path, "the backbone names"))
+    ctx.tiny_backbones = any("tiny" in str(v).lower() for k, v in backbones.items() if "sha" not in k)
+    # hashes identify the exact weights; 12 hex digits are enough to tell runs apart on the page
+    ctx.backbones = [(k, str(v)[:12] if "sha" in k and isinstance(v, str) else _fmt(v)) for k, v in backbones.items()]
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{path}: expected a JSON object with {what}")
+    return obj
 
 
 # ---------------------------------------------------------------------------------------- experiments
@@ -158,7 +176,7 @@ def dvc_experiments(metrics: Path, cwd: Path, timeout: float = 120) -> tuple[dic
 
 
 def experiments_table(commits: list[dict[str, Any]], metrics: Path, root: Path) -> tuple[dict[str, Any] | None, str]:
-    """Rows (workspace, commits, experiments) x columns (params that differ, then metrics)."""
+    """Rows (workspace, commits, experiments) x columns (headline metrics, params that differ, other metrics)."""
     try:
         key = os.path.relpath(metrics.resolve(), root.resolve())
     except ValueError:
@@ -182,15 +200,20 @@ def experiments_table(commits: list[dict[str, Any]], metrics: Path, root: Path) 
         for file, p in ((data or {}).get("params") or {}).items():
             for k, v in flatten(p.get("data") or {}).items():
                 params[k if file == "params.yaml" else f"{file}:{k}"] = v
-        rows.append((name, params, flatten({k: v for k, v in m.items() if k != "backbones"})))
+        # DVC metrics are numbers: text an older commit's metrics.json still held (backbone names) is left out
+        numbers = {k: v for k, v in flatten(m).items() if v is None or isinstance(v, int | float)}
+        rows.append((name, params, numbers))
     if len(rows) < 2:
         return None, "only this run has metrics (no other DVC experiment or commit to compare)"
     pkeys = sorted({k for _, p, _ in rows for k in p if len({json.dumps(r[1].get(k)) for r in rows}) > 1})
     mkeys = list(dict.fromkeys(k for _, _, m in rows for k in m))
-    table = {"columns": ["experiment", *pkeys, *mkeys], "n_params": len(pkeys),
-             "rows": [[n, *[_fmt(p.get(k, "")) for k in pkeys], *[_fmt(m.get(k, "")) for k in mkeys]]
-                      for n, p, m in rows]}
-    return table, f"{len(rows)} runs with metrics; parameter columns show only the params that differ"
+    head = [k for k in HEADLINE if k in mkeys]
+    rest = [k for k in mkeys if k not in head]
+    table = {"columns": ["experiment", *head, *pkeys, *rest], "n_head": len(head), "n_params": len(pkeys),
+             "rows": [[n, *[_fmt(m.get(k, "")) for k in head], *[_fmt(p.get(k, "")) for k in pkeys],
+                       *[_fmt(m.get(k, "")) for k in rest]] for n, p, m in rows]}
+    return table, (f"{len(rows)} runs with metrics; the headline metrics first, then only the params that differ, "
+                   "then every other metric")
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -323,12 +346,12 @@ def add_eval_tables(eval_dir: Path | None, ctx: Context, max_rows: int = 60) -> 
 
 
 # ---------------------------------------------------------------------------------------------- build
-def render(ctx: Context) -> str:
+def render(template: str = TEMPLATE, **values: Any) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.get_template(TEMPLATE).render(ctx=ctx)
+    return env.get_template(template).render(**values)
 
 
 def build_report(inputs: Inputs, out: Path, assets: Path, cfg: ReportConfig, repo: Path | None = None) -> Context:
@@ -337,6 +360,7 @@ def build_report(inputs: Inputs, out: Path, assets: Path, cfg: ReportConfig, rep
     ctx = Context()
     with atomic_dir(assets) as tmp:
         read_metrics(inputs.metrics, ctx)
+        read_backbones(inputs.eval, ctx)
         add_samples(inputs.samples, tmp, rel, cfg, ctx)
         add_curves(inputs.live, tmp, rel, ctx)
         add_fusion(inputs.fusion, tmp, rel, cfg, ctx)
@@ -346,6 +370,16 @@ def build_report(inputs: Inputs, out: Path, assets: Path, cfg: ReportConfig, rep
             ctx.experiments, ctx.experiments_note = dvc_experiments(inputs.metrics, repo)
         elif cfg.experiments:
             ctx.experiments_note = "no DVC repository given; showing this run only"
-        html = render(ctx)  # before publishing anything: a template error leaves the old report intact
+        html = render(ctx=ctx)  # before publishing anything: a template error leaves the old report intact
     write_text(out, html)
     return ctx
+
+
+def write_experiments_page(metrics: Path, repo: Path, out: Path) -> tuple[dict[str, Any] | None, str]:
+    """`out` (HTML): the experiment table of the report, fresh from `dvc exp show --json` in `repo`.
+
+    Not a DVC output: experiments run after the `report` stage are no dependency of it, so this page is how
+    the table follows them (`far report --experiments`) without touching the stage's outputs."""
+    table, note = dvc_experiments(metrics, repo)
+    write_text(out, render(EXPERIMENTS_TEMPLATE, table=table, note=note))
+    return table, note

@@ -84,11 +84,9 @@ def dvclive(dest: Path, steps: int = 40) -> Path:
     return dest
 
 
-def metrics(path: Path, tiny: bool = True) -> Path:
-    clip = "tiny-clip (random init, offline)" if tiny else "ViT-B/32"
-    dino = "tiny-dino (random init, offline)" if tiny else "facebook/dino-vits16"
+def metrics(path: Path) -> Path:
+    """reports/metrics.json as far.metrics writes it: numbers (or null) only."""
     data = {
-        "backbones": {"clip": clip, "dino": dino},
         "overall": {"clip_t": 0.2512, "clipscore": 25.12, "clip_i": 0.7731, "dino": 0.5123},
         "per_concept": {"dog": {"clip_t": 0.25, "clip_i": 0.78, "dino": 0.52},
                         "dog3": {"clip_t": 0.26, "clip_i": 0.76, "dino": 0.50}},
@@ -98,6 +96,18 @@ def metrics(path: Path, tiny: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def eval_dir(dest: Path, tiny: bool = True) -> Path:
+    """reports/eval as the evaluate stage writes it: backbones.json (the names) and a per-prompt table."""
+    clip = "tiny-clip (seed 0; random init, offline)" if tiny else "clip ViT-B/32"
+    dino = "tiny-dino-vit (seed 0; random init, offline)" if tiny else "dino facebook/dino-vits16"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "backbones.json").write_text(json.dumps({
+        "clip": clip, "dino": dino, "clip_sha256": "ab12" * 16, "dino_sha256": "cd34" * 16,
+        "subject_finder": "segment grabcut", "identity": "dino crops of found subjects (padding 0.1)"}))
+    (dest / "per_prompt.csv").write_text("prompt_idx,prompt,clip_t\n0,a dog,0.25\n1,two dogs,0.3\n")
+    return dest
 
 
 def samples(dest: Path, seeds: tuple[int, ...] = (0, 1), side: int = 8) -> Path:
@@ -135,4 +145,5 @@ def all_inputs(root: Path) -> dict[str, Path]:
         "samples": samples(root / "data/samples"),
         "metrics": metrics(root / "reports/metrics.json"),
         "live": dvclive(root / "dvclive"),
+        "eval": eval_dir(root / "reports/eval"),
     }

@@ -72,9 +72,10 @@ def test_page_shows_every_part_with_local_relative_assets(tmp_path: Path):
         with Image.open(page.parent / src) as im:
             assert min(im.size) > 0
     assert all(a.startswith("#") for a in links.anchors)
-    # backbones are prominent, with the warning that tiny-backbone numbers are not real scores
-    assert "tiny-clip (random init, offline)" in html and "tiny-dino (random init, offline)" in html
-    assert "not</b> comparable with published" in html
+    # backbones (reports/eval/backbones.json) are prominent, with the warning that tiny-backbone numbers are not
+    # real scores; hashes shortened
+    assert "tiny-clip (seed 0; random init, offline)" in html and "tiny-dino-vit (seed 0; random init" in html
+    assert "not</b> comparable with published" in html and ">ab12ab12ab12<" in html and "ab12" * 4 not in html
     assert html.index("tiny-clip") < html.index('id="metrics"')
     # metric tables of every section, attention overlays named by token, prompts, curves
     for text in ("0.2512", "25.12", "identity_accuracy", "dog-&gt;dog3", "per concept", "a &lt;far-dog&gt; dog and a "
@@ -100,11 +101,12 @@ def test_same_inputs_give_identical_bytes(tmp_path: Path):
 
 
 def test_real_backbones_get_no_tiny_warning_and_params_are_honoured(tmp_path: Path):
-    metrics = fx.metrics(tmp_path / "real/metrics.json", tiny=False)
+    real = fx.eval_dir(tmp_path / "real", tiny=False)
     cfg = ReportConfig(max_samples_per_prompt=1, fusion_preview=2, thumbnail_size=64, experiments=False)
-    page, ctx = build(tmp_path, cfg, metrics=metrics)
+    page, ctx = build(tmp_path, cfg, eval=real)
     html = page.read_text()
-    assert "ViT-B/32" in html and "facebook/dino-vits16" in html and "tiny offline" not in html
+    assert "clip ViT-B/32" in html and "dino facebook/dino-vits16" in html and "tiny offline" not in html
+    assert 'class="banner ok"' in html and "not</b> comparable" not in html
     assert all(len(p["seeds"]) == 1 for p in ctx.samples) and len(ctx.fusion) == 2
     assert [f["kind"] for f in ctx.fusion] == ["fusion", "reference"]  # round robin over kinds, fusion first
     with Image.open(tmp_path / "reports/assets/samples/000_0.jpg") as im:
@@ -113,14 +115,21 @@ def test_real_backbones_get_no_tiny_warning_and_params_are_honoured(tmp_path: Pa
 
 
 def test_missing_inputs_are_noted_bad_ones_are_errors(tmp_path: Path):
-    page, ctx = build(tmp_path, live=tmp_path / "no-dvclive", fusion=tmp_path / "no-fusion")
+    page, ctx = build(tmp_path, live=tmp_path / "no-dvclive", fusion=tmp_path / "no-fusion", eval=tmp_path / "no-eval")
     assert any("no-dvclive/plots/metrics" in m for m in ctx.missing)
     assert any("no-fusion/train.parquet" in m for m in ctx.missing)
-    assert "Missing inputs" in page.read_text() and ctx.samples and not ctx.curves
+    assert any("no-eval/backbones.json (run the `evaluate` stage)" in m for m in ctx.missing)
+    html = page.read_text()
+    assert "Missing inputs" in html and ctx.samples and not ctx.curves
+    assert "Metric backbones unknown" in html and not ctx.tiny_backbones
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(InvalidInputError, match="bad.json: not valid JSON"):
         build(tmp_path / "x", metrics=bad)
+    bad_eval = fx.eval_dir(tmp_path / "bad-eval")
+    (bad_eval / "backbones.json").write_text("[1, 2]")
+    with pytest.raises(InvalidInputError, match="bad-eval/backbones.json: expected a JSON object"):
+        build(tmp_path / "x2", eval=bad_eval)
     samples = fx.samples(tmp_path / "s")
     (samples / "attn/001_1_dog3.npy").unlink()
     with pytest.raises(InvalidInputError, match="attention map attn/001_1_dog3.npy of 001_1.png does not exist"):
@@ -132,7 +141,7 @@ EXP_SCRIPT = """
 import json, pathlib, yaml
 w = yaml.safe_load(open("params.yaml"))["train"]["weight"]
 pathlib.Path("reports").mkdir(exist_ok=True)
-json.dump({"backbones": {"clip": "tiny"}, "overall": {"clip_t": round(0.2 + w, 3)},
+json.dump({"backbones": {"clip": "tiny"}, "overall": {"clip_t": round(0.2 + w, 3)},  # text: as older commits had
            "per_concept": {"dog": {"dino": round(0.5 - w, 3)}}}, open("reports/metrics.json", "w"))
 """
 
@@ -157,13 +166,25 @@ def test_every_dvc_experiment_side_by_side(tmp_path: Path):
     assert table is not None, note
     rows = {r[0]: r for r in table["rows"]}
     assert set(rows) == {"workspace (this run)", "w03", "w00"}  # main has no metrics committed: left out
-    assert table["columns"] == ["experiment", "train.weight", "overall.clip_t", "per_concept.dog.dino"]
-    assert rows["w03"][1:] == ["0.3", "0.5", "0.2"] and rows["w00"][1:] == ["0", "0.2", "0.5"]
-    assert table["n_params"] == 1 and "3 runs" in note
+    # the headline metric first, then the param that differs, then the other metrics; text metrics left out
+    assert table["columns"] == ["experiment", "overall.clip_t", "train.weight", "per_concept.dog.dino"]
+    assert rows["w03"][1:] == ["0.5", "0.3", "0.2"] and rows["w00"][1:] == ["0.2", "0", "0.5"]
+    assert table["n_head"] == 1 and table["n_params"] == 1 and "3 runs" in note
     ctx2 = build_report(Inputs(**{**fx.all_inputs(tmp_path / "site"), "metrics": repo / "reports/metrics.json"}),
                         tmp_path / "site2/index.html", tmp_path / "site2/assets", ReportConfig(), repo=repo)
     html = (tmp_path / "site2/index.html").read_text()
     assert ctx2.experiments and "Experiments side by side" in html and "w03" in html and "w00" in html
+    assert '<th class="head">overall.clip_t</th><th class="param">train.weight</th><th>per_concept' in html
+
+    # `far report --experiments`: only experiments.html, with an experiment run after the report
+    run([*dvc, "exp", "run", "-n", "w05", "-S", "train.weight=0.5"], repo)
+    before = {p: p.read_bytes() for p in (tmp_path / "site2").rglob("*") if p.is_file()}
+    proc = run([sys.executable, "-m", "far.cli", "report", "--experiments", "--repo", str(repo), "--metrics",
+                str(repo / "reports/metrics.json"), "--out", str(tmp_path / "site2/index.html")], ROOT)
+    assert proc.stdout.startswith(f"report: {tmp_path / 'site2/experiments.html'} [4 runs"), proc.stdout
+    page = (tmp_path / "site2/experiments.html").read_text()
+    assert "w05" in page and '<td class="head">0.7</td>' in page and "w03" in page and 'href="index.html"' in page
+    assert {p: p.read_bytes() for p in before} == before  # the stage's outputs are untouched
 
 
 def test_experiments_table_tolerates_odd_dvc_output(tmp_path: Path):
@@ -238,13 +259,11 @@ def test_report_stage_script(tmp_path: Path, params_file):
     args = [sys.executable, "-m", "stages.report", "--segmented", str(inputs["segmented"]),
             "--fusion", str(inputs["fusion"]), "--samples", str(inputs["samples"]), "--metrics", str(inputs["metrics"]),
             "--live", str(inputs["live"]), "--out", str(tmp_path / "reports/index.html"),
-            "--assets", str(tmp_path / "reports/assets"), "--eval", str(tmp_path / "reports/eval"),
+            "--assets", str(tmp_path / "reports/assets"), "--eval", str(inputs["eval"]),
             "--repo", str(tmp_path), "--params", str(params)]
-    (tmp_path / "reports/eval").mkdir(parents=True)
-    (tmp_path / "reports/eval/per_prompt.csv").write_text("prompt_idx,prompt,clip_t\n0,a dog,0.25\n1,two dogs,0.3\n")
     proc = run(args, ROOT)
-    assert proc.stdout.startswith(f"report: {tmp_path / 'reports/index.html'} [4 samples, 2 curves, 6 training "
-                                  "examples, 4 references, this run only]"), proc.stdout
+    assert proc.stdout.strip() == (f"report: {tmp_path / 'reports/index.html'} [4 samples, 2 curves, 6 training "
+                                   "examples, 4 references, this run only]"), proc.stdout
     html = (tmp_path / "reports/index.html").read_text()
     assert "per_prompt.csv" in html and "two dogs" in html
     bad = params_file(lambda p: p["report"].update(thumbnail_size=8))
