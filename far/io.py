@@ -36,13 +36,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def remove_stale_tmp(final: Path) -> None:
-    """Delete temporaries a killed run left beside `final` (they are never outputs)."""
-    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+def remove_stale_tmp(final: Path) -> list[Path]:
+    """Delete temporaries a killed run left beside `final` (they are never outputs); returns them."""
+    leftovers = sorted(final.parent.glob(f".{final.name}.tmp-*"))
+    for leftover in leftovers:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+    return leftovers
 
 
 @contextlib.contextmanager

@@ -10,8 +10,6 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from tqdm.auto import tqdm
-
 T = TypeVar("T")
 
 
@@ -22,13 +20,17 @@ def quiet() -> bool:
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Wrap a long loop in a progress bar (disabled when `quiet()`)."""
+    from tqdm.auto import tqdm  # not at import: silence_library_bars() must run before tqdm is first imported
+
     return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=quiet(), dynamic_ncols=True))
 
 
 def silence_library_bars() -> None:
     """Under `quiet()`, turn off the bars of every tqdm user (diffusers, transformers, huggingface_hub, ...).
 
-    tqdm reads TQDM_DISABLE when a bar is created, so this covers libraries we do not call directly.
+    tqdm reads TQDM_DISABLE once, when it is first imported (`tqdm.utils.envwrap`), and huggingface_hub its
+    variable likewise: so this runs before either is imported (`run_stage`, `far.cli.main`), and then covers
+    the bars of libraries we do not call directly, such as diffusers' "Loading pipeline components".
     """
     if quiet():
         os.environ.setdefault("TQDM_DISABLE", "1")

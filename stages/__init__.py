@@ -11,17 +11,36 @@ from typing import Any
 import typer
 
 from far.errors import FAILED, run_app
-from far.progress import silence_library_bars
 
 
 def run_stage(main: Callable[..., Any]) -> None:
-    """Run a stage's typer `main` as a script (`python -m stages.<name>`)."""
-    silence_library_bars()
+    """Run a stage's typer `main` as a script (`python -m stages.<name>`); library bars are off under CI (run_app)."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(main)
     stage = _stage_name(main)
+    remove_stale_temporaries(stage)
     _fail_once(stage)
     run_app(app, prog=f"far {stage}")
+
+
+def remove_stale_temporaries(stage: str, root: Path = Path(".")) -> list[Path]:
+    """Delete what a killed run of `stage` left beside its dvc.yaml outputs (`.<name>.tmp-*`); returns them.
+
+    Outputs are written to such temporaries and renamed into place (far.io), so a SIGKILL leaves one behind.
+    DVC never removes them and may not even re-run the stage (its run cache restores the outputs), so every
+    run of the stage sweeps them first, whether the output is a directory or a file (metrics, the page).
+    """
+    import yaml
+
+    from far.io import remove_stale_tmp
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return []  # run by hand outside the project: the outputs are wherever --out says
+    spec = (yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).get(stage) or {}
+    entries = [e for kind in ("outs", "metrics", "plots") for e in spec.get(kind) or []]
+    names = [name for entry in entries for name in (entry if isinstance(entry, dict) else [entry])]
+    return [leftover for name in names for leftover in remove_stale_tmp(root / name)]
 
 
 def _stage_name(main: Callable[..., Any]) -> str:

@@ -35,3 +35,13 @@ def test_stage_command_runs_the_stage(tmp_path: Path):
     proc = run([_far(), "base-model", "--out", str(out), "--params", str(ROOT / "params.yaml")], ROOT)
     assert "base_model: tiny" in proc.stdout
     assert (out / "model_index.json").is_file()
+
+
+def test_bad_flags_exit_2_with_the_usage_line_not_a_traceback():
+    """Typer vendors its own click: its usage errors must still map to exit code 2 (far.errors.run_app)."""
+    import sys
+
+    for cmd in ([_far(), "report", "--bogus"], [sys.executable, "-m", "pipelines.flows", "nosuch"]):
+        proc = run(cmd, ROOT, check=False)
+        assert proc.returncode == 2, (cmd, proc.returncode, proc.stderr[-2000:])
+        assert "Usage:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -9,7 +9,9 @@ are the production ones, unchanged.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,13 +43,27 @@ pathlib.Path("reports/index.html").write_text("<html><body>toy report</body></ht
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """One Prefect API server (SQLite in a temp dir) for every flow test; PREFECT_HOME is a temp dir."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect_home")}):
+    # as pipelines/__init__.py sets it for the flows: no telemetry racing the fresh SQLite database
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect_home"),
+                             PREFECT_SERVER_ANALYTICS_ENABLED: False}):
         with prefect_test_harness(server_startup_timeout=90):
             yield
 
+
+
+def test_flows_turn_off_prefect_server_telemetry_unless_the_user_set_it():
+    """Its session write raced the first run's on a fresh SQLite PREFECT_HOME ("database is locked")."""
+    code = ("import pipelines.flows; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    off = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert off.stdout.strip() == "False", off.stderr[-2000:]
+    mine = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "true"})
+    assert mine.stdout.strip() == "True", mine.stderr[-2000:]
 
 PREPARE = '''"""Toy upstream stage for tests/test_flows.py: a seeded blob standing in for the base model."""
 import pathlib

@@ -40,3 +40,25 @@ def test_atomic_file_and_deterministic_json(tmp_path: Path):
         raise ValueError
     assert path.read_text().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_a_stage_run_removes_what_a_killed_run_of_it_left_and_nothing_else(tmp_path: Path):
+    from stages import remove_stale_temporaries
+    from tests.conftest import ROOT
+
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    fuse_dir, fuse_file = tmp_path / "data/.fusion.tmp-a1", tmp_path / "data/.fusion.tmp-b2"
+    page, metrics = tmp_path / "reports/.index.html.tmp-c3", tmp_path / "reports/.metrics.json.tmp-d4"
+    others = [tmp_path / "data/.segmented.tmp-e5", tmp_path / "data/.samples.partial", tmp_path / "data/fusion"]
+    for d in (fuse_dir, others[0], others[1], others[2]):
+        d.mkdir(parents=True)
+        (d / "partial").write_text("x")
+    for f in (fuse_file, page, metrics):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("half")
+    assert remove_stale_temporaries("fuse", tmp_path) == [fuse_dir, fuse_file]
+    assert remove_stale_temporaries("evaluate", tmp_path) == [metrics]  # a metrics file (cache: false)
+    assert remove_stale_temporaries("report", tmp_path) == [page]
+    assert not any(p.exists() for p in (fuse_dir, fuse_file, page, metrics))
+    assert all((d / "partial").is_file() for d in others)  # another stage's, sample's resume dir, the output
+    assert remove_stale_temporaries("fuse", tmp_path / "elsewhere") == []  # no dvc.yaml: run by hand
