@@ -7,7 +7,7 @@ deterministic from the scene; `sample_scene` draws scenes deterministically from
 
 Subjects are drawn in their own coordinates (u, v), about [-0.6, 0.6] x [-0.6, 0.6], scaled by `size`
 (fraction of the image side per unit) and mirrored by `flip`. The image is rendered at 2x and averaged
-down, so edges are anti-aliased; masks are taken where a subject covers at least half of a pixel.
+down, so edges are anti-aliased; each mask pixel goes to the subject (or background) covering most of it.
 """
 
 from __future__ import annotations
@@ -203,9 +203,15 @@ def render(scene: Scene, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
         owner[body] = i + 1
     image = img.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean(axis=(1, 3))
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    ids = np.arange(1, len(scene.subjects) + 1, dtype=np.int16)[:, None, None]
-    cover = (owner[None] == ids).reshape(len(ids), resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean(axis=(2, 4))
-    return image, cover >= 0.5
+    # Each pixel goes to whoever owns most of its sub-pixels, background included, so masks never overlap;
+    # a tie goes to the nearer subject (a lone subject keeps every pixel it covers at least half of).
+    k = len(scene.subjects)
+    counts = (owner[None] == np.arange(k + 1, dtype=np.int16)[:, None, None])  # (1 + N, n, n): bg, subjects
+    counts = counts.reshape(k + 1, resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).sum(axis=(2, 4))
+    depth = np.zeros(k + 1, dtype=np.int64)  # 0 background, then 1..N back to front
+    depth[1 + np.array(sorted(range(k), key=lambda j: scene.subjects[j].cy), dtype=np.int64)] = np.arange(1, k + 1)
+    winner = (counts * (k + 1) + depth[:, None, None]).argmax(axis=0)  # (H, W)
+    return image, winner[None] == np.arange(1, k + 1)[:, None, None]
 
 
 # ------------------------------------------------------------------------------------------ sample
