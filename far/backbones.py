@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from far.errors import InvalidInputError
 
 TINY = "tiny"
+WORLD = "world"
 TINY_LABEL = "random weights, offline; NOT comparable to published scores"
 CLIP_CKPT = "tiny_clip.pt"
 DINO_DIR = "tiny_dino"
@@ -109,6 +110,11 @@ def load_clip(name: str, workdir: Path, device: torch.device, seed: int = 0) -> 
     if name == TINY:
         path, label = build_tiny_clip(Path(workdir) / CLIP_CKPT, seed), f"tiny-clip (seed {seed}; {TINY_LABEL})"
         source = str(path)
+    elif name == WORLD:  # the CLIP trained on the world (far/world/clip.py), shipped and hash-checked
+        from far.world.paths import CLIP
+        from far.world.weights import verified_path
+
+        source, label = str(verified_path(CLIP.name)), "world-clip (trained on world scenes; meaningful there only)"
     else:
         if name not in clip.available_models() and not os.path.isfile(name):
             raise BackboneError(

@@ -12,8 +12,13 @@
   averaged over those concepts (as Custom Diffusion does); the multi-concept identity metrics (subjects found
   from pixels by far/subjects.py) and the attention diagnostics (`attn_*`) are defined in far.identity.
 
-`reports/metrics.json` holds numbers only (DVC metrics); the names and hashes of the backbones and the subject
-finder go to `backbones.json` beside the tables.
+In the world (every concept folder has a world.json, or `eval.world: true`), the oracle reads every sample and
+far/world/verdict.py judges it against the truth: the `world` block of metrics.json, `world.csv` (per image, with
+the oracle's readings) and `world_prompts.csv` (per prompt). Class prompts ("a dog", no concept) have no CLIP-I
+or DINO (no references): their cells are empty.
+
+`reports/metrics.json` holds numbers only (DVC metrics); the names and hashes of the backbones, the subject
+finder and the oracle go to `backbones.json` beside the tables.
 
 The text for CLIP-T is the prompt with each identifier token removed where the class word follows it
 ("a <far-dog> dog on the beach" -> "a dog on the beach", DreamBooth's and Custom Diffusion's practice: the
@@ -85,11 +90,12 @@ class Sample:
 
     prompt_idx: int
     prompt: str
-    kind: str  # single | multi
+    kind: str  # single | multi | class (no concept: the plain class word)
     concepts: tuple[str, ...]
     seed: int
     path: Path
     attention: tuple[Path, ...]  # one (S, S) .npy per concept, same order; empty if the sampler kept none
+    background: str | None = None  # the world background the prompt asks for (sample.prompt_set: world)
 
 
 def read_samples(samples: Path, concepts: ConceptsConfig) -> list[Sample]:
@@ -103,9 +109,9 @@ def read_samples(samples: Path, concepts: ConceptsConfig) -> list[Sample]:
     for i, row in enumerate(df.to_dict("records")):
         names = tuple(row["concepts"])
         where = f"{manifest} row {i}"
-        if not names or set(names) - known:
-            raise InvalidInputError(f"{where}: concepts {list(names)} must be non-empty and in {sorted(known)}")
-        if row["kind"] not in ("single", "multi") or (row["kind"] == "single") != (len(names) == 1):
+        if set(names) - known:
+            raise InvalidInputError(f"{where}: concepts {list(names)} must be in {sorted(known)}")
+        if {"single": len(names) == 1, "multi": len(names) >= 2, "class": not names}.get(row["kind"]) is not True:
             raise InvalidInputError(f"{where}: kind {row['kind']!r} does not fit {len(names)} concept(s)")
         attention = tuple(Path(samples) / p for p in (row.get("attention") if row.get("attention") is not None else []))
         if attention and len(attention) != len(names):
@@ -115,7 +121,7 @@ def read_samples(samples: Path, concepts: ConceptsConfig) -> list[Sample]:
             if not f.is_file():
                 raise InvalidInputError(f"{where}: file {f} does not exist")
         out.append(Sample(int(row.get("prompt_idx", i)), row["prompt"], row["kind"], names, int(row["seed"]), path,
-                          attention))
+                          attention, row["background"] if isinstance(row.get("background"), str) else None))
     return out
 
 
@@ -239,6 +245,26 @@ def check_numbers_only(obj: Any, where: str = "metrics") -> None:
 
 
 # ------------------------------------------------------------------------------------------- the metric pass
+def _mean_or_nan(scores: list[Any]) -> float:
+    """Mean of a sample's per-concept scores; NaN for a class prompt (no concept: no references)."""
+    return float(np.mean([float(x) for x in scores])) if scores else math.nan
+
+
+def world_inputs(cfg: EvalConfig, concepts: ConceptsConfig) -> tuple[dict[str, Any], Any]:
+    """(world truths by concept, oracle) for `eval.world` / `eval.subject_finder: oracle`; ({}, None) when unused.
+
+    `eval.world: auto` judges the world verdict when every concept folder has a world.json, `true` requires it.
+    """
+    from far.world.concepts import world_truths
+
+    truths = {} if cfg.world is False else world_truths(concepts.subjects, required=cfg.world is True)
+    if not truths and cfg.subject_finder != "oracle":
+        return {}, None
+    from far.world.verdict import load_oracle
+
+    return truths, load_oracle(cfg.oracle)
+
+
 def _verdict(v: Any) -> dict[str, Any]:
     """An identity table row's verdict columns from a far.identity.Identity."""
     return {"found": v.found, "bbox": list(v.bbox) if v.bbox else None,
@@ -290,8 +316,10 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
         backbones = (load_clip(cfg.clip_model, workdir, device, cfg.tiny_seed),
                      load_dino(cfg.dino_model, workdir, device, cfg.tiny_seed))
     clip_bb, dino_bb = backbones
+    truths, oracle = world_inputs(cfg, concepts)
+    tables_world: dict[str, pd.DataFrame] = {}
     if finder is None and any(s.kind == "multi" for s in items):
-        finder = make_finder(cfg, segment, str(dino_bb.device))
+        finder = make_finder(cfg, segment, str(dino_bb.device), oracle)
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -321,8 +349,8 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
         row = {"prompt_idx": s.prompt_idx, "seed": s.seed, "kind": s.kind, "concepts": "+".join(s.concepts),
                "prompt": s.prompt, "clip_prompt": texts[i], "path": s.path.name,
                "clip_t": float(cos_t[i]), "clipscore": float(clipscore(cos_t[i])),
-               "clip_i": float(np.mean([mean_pairwise(clip_img[i : i + 1], clip_refs[c])[0] for c in s.concepts])),
-               "dino": float(np.mean([mean_pairwise(dino_img[i : i + 1], dino_refs[c])[0] for c in s.concepts]))}
+               "clip_i": _mean_or_nan([mean_pairwise(clip_img[i : i + 1], clip_refs[c])[0] for c in s.concepts]),
+               "dino": _mean_or_nan([mean_pairwise(dino_img[i : i + 1], dino_refs[c])[0] for c in s.concepts])}
         rows.append(row)
         if s.kind != "multi":
             continue
@@ -380,9 +408,15 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
     metric_seconds = time.perf_counter() - start
 
     metrics = summarize(per_image, identity, attn_identity, leak)
+    if truths:  # the world verdict (far/world/verdict.py): the oracle's reading of every sample vs. world.json
+        from far.world.verdict import verdict
+
+        metrics["world"], tables_world["world"], tables_world["world_prompts"] = verdict(items, oracle, truths, load)
+        metrics = _clean(metrics)
     labels = {
         "clip": clip_bb.name, "dino": dino_bb.name, "clip_sha256": clip_bb.sha256, "dino_sha256": dino_bb.sha256,
         "subject_finder": finder.label if finder is not None else None,
+        "oracle": oracle.label if oracle is not None else None,
         "identity": f"dino crops of found subjects (padding {cfg.crop_padding}), Hungarian assignment",
         "attn_identity": (f"dino crops of {cfg.regions} regions (" + (f"threshold {cfg.region_threshold}"
                           if segmenter is None else f"segment backend {segmenter.label}") +
@@ -392,7 +426,7 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
     per_prompt = (per_image.groupby(["prompt_idx", "kind", "concepts", "prompt"], sort=True)
                   .agg(**{m: (m, "mean") for m in scores}, n_images=("seed", "size")).reset_index())
     tables = {"per_image": per_image, "per_prompt": per_prompt, "identity": identity, "attn_identity": attn_identity,
-              "attn_leakage": leak}
+              "attn_leakage": leak} | tables_world
     run = {
         "images": len(items), "backbone_load_seconds": load_seconds, "metric_seconds": metric_seconds,
         "images_per_second": len(items) / metric_seconds if metric_seconds > 0 else None,

@@ -11,6 +11,12 @@ where they make sense for several subjects). Choices the paper leaves open, ours
 - how many prompts per concept (`sample.prompts_per_concept`): taken evenly spaced through the list so a
   small subset still mixes backgrounds, outfits and property changes instead of only the first scenes;
 - which concept groups (`sample.multi_max_concepts`): every combination of 2..max concepts.
+
+`sample.prompt_set: world` replaces both lists by the world's prompts (`world_prompts`), in the world's
+caption phrases (far/world/vocab.py): each concept alone on every background ("a <tok> dog on the beach"),
+each ordered pair on every background ("a <a> dog and a <b> dog on the grass", both orders) and the plain
+class ("a dog", "a dog in the snow", kind `class`, no concept) for prior drift. With two world concepts and
+the world's 5 backgrounds: 10 single, 10 multi and 6 class prompts.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from far.config import ConceptsConfig, SampleConfig
 from far.errors import InvalidInputError
 
 DREAMBENCH_PROMPTS = Path(__file__).parent / "resources" / "dreambench_prompts_and_classes.txt"
@@ -57,8 +64,9 @@ class PromptSpec:
     index: int
     prompt: str
     concepts: tuple[str, ...]
-    kind: str  # "single" | "multi"
+    kind: str  # "single" (one concept) | "multi" (several) | "class" (none: the plain class word)
     template: str = field(compare=False)
+    background: str | None = None  # the world background the prompt asks for (far/world/vocab.py); None: none asked
 
 
 _SECTION = re.compile(r"^(Object Prompts|Live Subject Prompts)\s*$", re.MULTILINE)
@@ -144,3 +152,48 @@ def build_prompts(
                 text = template.format(subjects=subjects)
                 specs.append(PromptSpec(len(specs), text, tuple(n for n, _, _ in group), "multi", template))
     return specs
+
+
+def world_prompts(concepts: list[tuple[str, str, str]], classes: dict[str, str]) -> list[PromptSpec]:
+    """The world's prompts: single (each concept on each background), multi (each ordered pair on each
+    background) and class (the plain class word alone and on each background), in that order.
+
+    `concepts`: (name, token, class_word) triples in params order; `classes`: each concept's class in its
+    world.json, which must be its class word (the word the delta was trained with).
+    """
+    from far.world.vocab import BACKGROUND_PHRASES, BACKGROUNDS
+
+    for name, _, class_word in concepts:
+        if classes[name] != class_word:
+            raise InvalidInputError(f"concepts: {name} has class_word {class_word!r} but its world.json says "
+                                    f"{classes[name]!r}; use the world class")
+    specs: list[PromptSpec] = []
+
+    def add(subjects: str, names: tuple[str, ...], kind: str, background: str | None) -> None:
+        template = subjects + (" {background}" if background else "")
+        text = template.format(background=BACKGROUND_PHRASES[background]) if background else subjects
+        specs.append(PromptSpec(len(specs), text, names, kind, template, background))
+
+    for name, token, class_word in concepts:
+        for bg in BACKGROUNDS:
+            add(subject_phrase(token, class_word), (name,), "single", bg)
+    for group in itertools.permutations(concepts, 2):
+        for bg in BACKGROUNDS:
+            names = tuple(n for n, _, _ in group)
+            add(join_subjects([subject_phrase(t, cw) for _, t, cw in group]), names, "multi", bg)
+    for class_word in dict.fromkeys(cw for _, _, cw in concepts):
+        for bg in (None, *BACKGROUNDS):
+            add(f"a {class_word}", (), "class", bg)
+    return specs
+
+
+def prompts_for(cfg: SampleConfig, concepts: ConceptsConfig) -> list[PromptSpec]:
+    """The prompts `sample.prompt_set` names for these concepts (world: from each concept folder's world.json)."""
+    triples = [(c.name, c.token, c.class_word) for c in concepts.subjects]
+    if cfg.prompt_set == "world":
+        from far.world.concepts import world_truths
+
+        truths = world_truths(concepts.subjects, required=True)
+        return world_prompts(triples, {n: t.cls for n, t in truths.items()})
+    return build_prompts(triples, cfg.prompts_per_concept, cfg.multi_prompts, cfg.multi_max_concepts,
+                         cfg.live_classes)

@@ -21,6 +21,8 @@ The interface, for any new finder (the world's oracle, for instance):
 - `owlv2`: an open-vocabulary detector through transformers (`eval.detector_model`, e.g.
   `google/owlv2-base-patch16-ensemble`, as MuDI's Detect-and-Compare), queried with "a photo of a <class>";
   boxes scoring at least `eval.detector_threshold`, class-agnostic NMS at IoU 0.5.
+- `oracle` (the world only): the world oracle's subjects (far/world/oracle.py, weights `eval.oracle`) of the
+  prompt's classes, with their masks; score = the oracle's confidence.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -150,8 +152,24 @@ def _load_pretrained(classes: tuple, model: str) -> list:
         f"eval.subject_finder: segment") from None
 
 
-def make_finder(cfg: EvalConfig, segment: SegmentConfig, device: str = "cpu") -> SubjectFinder:
-    """The finder `eval.subject_finder` names (see the module docstring)."""
+class OracleFinder:
+    """`eval.subject_finder: oracle`: the subjects the world oracle reads, keeping those of the prompt's classes."""
+
+    def __init__(self, oracle: Any):  # far.world.oracle.Oracle
+        self.oracle = oracle
+        self.label = f"oracle subjects ({oracle.label})"
+
+    def __call__(self, image: Image.Image | np.ndarray, classes: Sequence[str] = ()) -> list[Subject]:
+        (reading,) = self.oracle.read([as_rgb(image)])
+        return [Subject(s.bbox, s.confidence, s.mask) for s in reading.subjects if not classes or s.cls in classes]
+
+
+def make_finder(cfg: EvalConfig, segment: SegmentConfig, device: str = "cpu", oracle: Any = None) -> SubjectFinder:
+    """The finder `eval.subject_finder` names (see the module docstring); `oracle`: an already loaded one."""
+    if cfg.subject_finder == "oracle":
+        from far.world.verdict import load_oracle
+
+        return OracleFinder(oracle if oracle is not None else load_oracle(cfg.oracle))
     if cfg.subject_finder == "owlv2":
         return Owlv2Finder(cfg.detector_model, cfg.detector_threshold, device)
     from far.segment import Segmenter

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from far.errors import InvalidInputError
-from far.prompts import DREAMBENCH_PROMPTS, MULTI_TEMPLATES, build_prompts, dreambench, evenly_spaced, parse_dreambench
+from far.prompts import (
+    DREAMBENCH_PROMPTS,
+    MULTI_TEMPLATES,
+    build_prompts,
+    dreambench,
+    evenly_spaced,
+    parse_dreambench,
+    world_prompts,
+)
 
 DOGS = [("dog", "<far-dog>", "dog"), ("dog3", "<far-dog3>", "dog")]
 
@@ -65,3 +73,21 @@ def test_evenly_spaced_and_too_many():
         build_prompts(DOGS, 1, len(MULTI_TEMPLATES) + 1, 2, ["dog"])
     with pytest.raises(InvalidInputError, match="sample.prompts_per_concept: 26"):
         build_prompts(DOGS, 26, 0, 2, ["dog"])
+
+
+def test_world_prompts_every_background_both_orders_and_the_plain_class():
+    dogs = [("a", "<wa>", "dog"), ("b", "<wb>", "dog")]
+    specs = world_prompts(dogs, {"a": "dog", "b": "dog"})
+    by_kind = {k: [s for s in specs if s.kind == k] for k in ("single", "multi", "class")}
+    assert [len(v) for v in by_kind.values()] == [10, 10, 6] and [s.index for s in specs] == list(range(26))
+    assert by_kind["single"][1].prompt == "a <wa> dog on the beach" and by_kind["single"][1].background == "beach"
+    assert {s.background for s in by_kind["single"] if s.concepts == ("b",)} == {
+        "grass", "beach", "snow", "room", "night"}
+    assert by_kind["multi"][0].prompt == "a <wa> dog and a <wb> dog on the grass"
+    assert by_kind["multi"][5].prompt == "a <wb> dog and a <wa> dog on the grass"
+    assert by_kind["multi"][5].concepts == ("b", "a")
+    assert [(s.prompt, s.background, s.concepts) for s in by_kind["class"][:2]] == [
+        ("a dog", None, ()), ("a dog on the grass", "grass", ())]
+    assert by_kind["class"][4].prompt == "a dog in a room"
+    with pytest.raises(InvalidInputError, match="class_word 'dog' but its world.json says 'cat'"):
+        world_prompts(dogs, {"a": "cat", "b": "dog"})

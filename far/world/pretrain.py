@@ -105,9 +105,13 @@ def train_vae(cfg: PretrainConfig, work: Path, images: np.ndarray):
     """Train (or resume) the VAE; returns it once `vae_steps` are done (also saved as work/vae)."""
     done_dir = work / "vae"
     if (done_dir / "config.json").is_file():
-        from diffusers import AutoencoderKL
+        from safetensors.torch import load_file
 
-        return AutoencoderKL.from_pretrained(done_dir)
+        # Rebuilt from the config rather than from_pretrained, which would write its load path into the
+        # config (`_name_or_path`): a resumed run's snapshots must be byte-identical to an uninterrupted one's.
+        vae = build_vae(cfg.model, cfg.seed)
+        vae.load_state_dict(load_file(done_dir / "diffusion_pytorch_model.safetensors"))
+        return vae.eval()
     vae = build_vae(cfg.model, cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt, start = work / "vae.ckpt", 0
