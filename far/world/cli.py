@@ -106,7 +106,7 @@ def oracle_cmd(
 def clip_cmd(
     work: Path = typer.Option(Path(".world/pretrain"), help="pretrain work folder (its trained VAE is used)"),
     out: Path = typer.Option(Path(".world/clip.pt"), help="CLIP checkpoint to write"),
-    steps: int = typer.Option(1500),
+    steps: int = typer.Option(600),
     threads: int = typer.Option(1),
 ) -> None:
     """Train the world CLIP contrastively on scenes and captions; print its held-out zero-shot accuracy."""

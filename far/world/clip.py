@@ -30,14 +30,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ClipTrainConfig:
     seed: int = 2000
     scenes: int = 8000
-    steps: int = 1500
-    batch_size: int = 128
+    steps: int = 600
+    batch_size: int = 96
     lr: float = 1e-3
     resolution: int = 64
     patch: int = 8
-    width: int = 128  # clip-anytorch derives heads = width // 64
-    layers: int = 3
-    embed_dim: int = 128
+    width: int = 64  # clip-anytorch derives heads = width // 64
+    layers: int = 2
+    embed_dim: int = 64
 
 
 def build_clip(cfg: ClipTrainConfig):  # noqa: ANN201 - clip.model.CLIP, imported lazily
