@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is installed first and pinned so pip never swaps in another (multi-GB) build.
 TORCH  := "torch==2.14.1" "torchvision==0.29.1"
 
-.PHONY: run exps test lint install weights browser clean-venv
+.PHONY: run exps claims test lint install weights browser clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ run: $(VENV)/.installed weights
 EXPS_DROP := Created|State|Executor|per_concept\.|.*n_images|.*leakage_pairs|.*_seconds|(reports|data|models|dvclive|far|stages)/
 exps: $(VENV)/.installed
 	$(BIN)/dvc exp show --only-changed --drop '$(EXPS_DROP)' $(ARGS)
+
+# The ablation grid (ablations.yaml: variants x training seeds) as queued DVC experiments, 2 at a time, through
+# the `ablation` flow (progress: its log of queue states), then `far claims` -> reports/claims.md/.json/.html.
+# --keep: experiments of this commit that finished with the same params are not run again, and DVC's caches
+# serve every unchanged stage, so a re-run with nothing changed re-runs nothing. JOBS=1 for one at a time.
+JOBS ?= 2
+claims: $(VENV)/.installed weights
+	$(BIN)/far check-params params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipelines.flows ablation --jobs $(JOBS) --keep $(ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/far claims
+	@echo ""
+	@echo "Claims: $(CURDIR)/reports/claims.md ($(CURDIR)/reports/claims.html)"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -65,6 +65,20 @@ def weights(
     print(f"{model}: {install(model, dest, tarball)}")
 
 
+@app.command("claims")
+def claims(
+    out: Path = typer.Option(Path("reports/claims.md"), help="claims.md to write (.json, .html beside)."),
+    grid: Path = typer.Option(Path("ablations.yaml"), help="The ablation grid (variants x training seeds)."),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml the grid's variants override."),
+    repo: Path = typer.Option(Path("."), help="DVC repository whose experiments to read (`dvc exp show`)."),
+) -> None:
+    """The paper's claims judged on the grid's DVC experiments: reports/claims.md, .json, .html (far/claims.py)."""
+    from far.claims import run
+
+    verdicts = run(repo, grid, params, out)
+    print(f"claims: {out} [" + "; ".join(f"{cid} {c['verdict']}" for cid, c in verdicts.items()) + "]")
+
+
 def _register_world() -> None:
     from far.world.cli import app as world_app
 

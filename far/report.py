@@ -31,6 +31,7 @@ from far.io import atomic_dir, write_text
 
 TEMPLATE = "report.html.j2"
 EXPERIMENTS_TEMPLATE = "experiments.html.j2"
+CLAIMS_TEMPLATE = "claims.html.j2"
 FUSION_KIND_ORDER = ("fusion", "single", "reference", "prior")  # most telling first
 # The experiment table's first columns after the name (flattened metrics.json keys): the figures compared first.
 HEADLINE = ("overall.clip_t", "overall.clip_i", "overall.dino", "multi_concept.identity_accuracy",
@@ -45,6 +46,7 @@ class Inputs:
     metrics: Path
     live: Path
     eval: Path | None = None
+    claims: Path | None = None  # reports/claims.md of `far claims`; shown when it exists (no DVC dependency)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Context:
     fusion: list[dict[str, Any]] = field(default_factory=list)
     fusion_preview: str | None = None
     references: list[dict[str, Any]] = field(default_factory=list)
+    claims_html: str | None = None  # reports/claims.md rendered
+    claims_grid: dict[str, Any] | None = None  # the variants' samples side by side (far/claims_grid.py)
 
 
 def _fmt(v: Any) -> str:
@@ -345,6 +349,33 @@ def add_eval_tables(eval_dir: Path | None, ctx: Context, max_rows: int = 60) -> 
                                 "more": max(0, len(df) - max_rows)})
 
 
+def read_claims(claims: Path | None, assets: Path | None, rel: str, size: int, ctx: Context) -> None:
+    """The Claims section: claims.md as HTML, and its sample grid (`<claims without .md>/grid.json`).
+
+    `assets` None: link the grid's PNGs where they are (`rel` = their folder seen from the page), else copy them
+    into `assets/claims` as thumbnails."""
+    if claims is None or not claims.is_file():
+        return
+    from markdown_it import MarkdownIt
+
+    ctx.claims_html = MarkdownIt("commonmark", {"html": False}).enable("table").render(claims.read_text())
+    folder = claims.with_suffix("")
+    if not (folder / "grid.json").is_file():
+        return
+    grid = _read_json(folder / "grid.json", "the claims' sample grid (far claims)")
+    variants = []
+    for v in grid.get("variants") or []:
+        srcs: list[str | None] = []
+        for f in v.get("images") or []:
+            if f and assets is not None and (folder / f).is_file():
+                pics.save_jpeg(pics.fit(pics.load_rgb(folder / f), size), assets / "claims" / f"{Path(f).stem}.jpg")
+                srcs.append(f"{rel}/claims/{Path(f).stem}.jpg")
+            else:
+                srcs.append(f"{rel}/{f}" if f and (folder / f).is_file() else None)
+        variants.append({"name": v.get("name", "?"), "experiment": v.get("experiment", ""), "images": srcs})
+    ctx.claims_grid = {"prompts": grid.get("prompts") or [], "variants": variants, "missing": grid.get("missing") or []}
+
+
 # ---------------------------------------------------------------------------------------------- build
 def render(template: str = TEMPLATE, **values: Any) -> str:
     import jinja2
@@ -366,6 +397,7 @@ def build_report(inputs: Inputs, out: Path, assets: Path, cfg: ReportConfig, rep
         add_fusion(inputs.fusion, tmp, rel, cfg, ctx)
         add_references(inputs.segmented, tmp, rel, cfg.thumbnail_size, ctx)
         add_eval_tables(inputs.eval, ctx)
+        read_claims(inputs.claims, tmp, rel, cfg.thumbnail_size, ctx)
         if cfg.experiments and repo is not None:
             ctx.experiments, ctx.experiments_note = dvc_experiments(inputs.metrics, repo)
         elif cfg.experiments:
@@ -383,3 +415,12 @@ def write_experiments_page(metrics: Path, repo: Path, out: Path) -> tuple[dict[s
     table, note = dvc_experiments(metrics, repo)
     write_text(out, render(EXPERIMENTS_TEMPLATE, table=table, note=note))
     return table, note
+
+
+def write_claims_page(claims: Path, out: Path) -> Context:
+    """`out` (HTML, beside claims.md): the Claims section alone, its images linked from claims.md's folder."""
+    ctx = Context()
+    folder = os.path.relpath(claims.with_suffix("").resolve(), out.resolve().parent)
+    read_claims(claims, None, Path(folder).as_posix(), 0, ctx)
+    write_text(out, render(CLAIMS_TEMPLATE, ctx=ctx))
+    return ctx

@@ -1,8 +1,10 @@
 """The ablation grid (ablations.yaml) and what `dvc exp show --json` says about its experiments.
 
 A variant is a name and a set of params.yaml overrides (`key.path: value`), queued as
-`dvc exp run --queue -n <name> -S key.path=value ...`. The grid is validated against far/config.py
-before anything is queued, so a typo fails at once, naming the variant and the key.
+`dvc exp run --queue -n <name> -S key.path=value ...`. With `seeds:` (values of `train.seed`, at the top of
+the grid or inside a variant, which then runs only those) every variant runs once per seed, as the experiment
+`<variant>-s<seed>` with `-S train.seed=<seed>`. The grid is validated against far/config.py before anything
+is queued, so a typo fails at once, naming the variant and the key.
 """
 
 from __future__ import annotations
@@ -22,12 +24,21 @@ from far.errors import InvalidInputError
 from pipelines.dvc_cli import StageGraph
 
 _NAME = re.compile(r"^[A-Za-z0-9+_.-]+$")  # git ref-safe; "+fusion" is fine
+SEED_KEY = "train.seed"  # what `seeds:` sets: the training seed (sampling seeds stay sample.seeds)
 
 
 @dataclass(frozen=True)
 class Variant:
+    """One experiment: `name` is `<variant>-s<seed>` when the grid has seeds, else the variant's name."""
+
     name: str
-    overrides: dict[str, Any]  # params.yaml key path -> value
+    overrides: dict[str, Any]  # params.yaml key path -> value (with train.seed when seeded)
+    variant: str = ""  # the grid's variant name ("" = `name`)
+    seed: int | None = None  # train.seed of this experiment, None when the grid has no seeds
+
+    @property
+    def group(self) -> str:
+        return self.variant or self.name
 
     def set_args(self) -> list[str]:
         """`-S key=value` arguments; values as JSON, which DVC parses as YAML (0.1, true, "text", [1, 2])."""
@@ -58,8 +69,18 @@ def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
         raise InvalidInputError(f"{where}: {key!r} does not name a params.yaml key")
 
 
+def _seeds(value: Any, where: str) -> list[int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value or len(set(value)) != len(value)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise InvalidInputError(f"{where}: `seeds` must be a non-empty list of distinct integers >= 0 "
+                                f"(values of {SEED_KEY}), got {value!r}")
+    return value
+
+
 def load_grid(path: Path, params: Path) -> list[Variant]:
-    """Read and validate the grid: each variant's params (params.yaml + overrides) must load cleanly."""
+    """Read, expand (variant x seed) and validate the grid: each experiment's params must load cleanly."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -69,20 +90,38 @@ def load_grid(path: Path, params: Path) -> list[Variant]:
     variants = raw.get("variants") if isinstance(raw, dict) else None
     if not isinstance(variants, dict) or not variants:
         raise InvalidInputError(f"{path}: expected `variants:` mapping names to params overrides")
+    seeds = _seeds(raw.get("seeds"), f"{path}: seeds")
     base = yaml.safe_load(params.read_text())
     grid: list[Variant] = []
     for name, overrides in variants.items():
         where = f"{path}: variant {name!r}"
         if not isinstance(name, str) or not _NAME.match(name):
             raise InvalidInputError(f"{where}: names may use letters, digits and + _ . - only")
-        overrides = overrides or {}
+        overrides = {} if overrides is None else overrides
         if not isinstance(overrides, dict):
             raise InvalidInputError(f"{where}: expected a mapping of params key paths to values")
-        data = copy.deepcopy(base)
-        for key, value in overrides.items():
-            _set(data, str(key), value, where)
-        _validate(data, params.parent, where)
-        grid.append(Variant(name, {str(k): v for k, v in overrides.items()}))
+        overrides = dict(overrides)
+        own = _seeds(overrides.pop("seeds", None), f"{where}: seeds")
+        if own is not None and seeds is None:
+            raise InvalidInputError(f"{where}: `seeds` restricts the grid's seeds; set `seeds:` at the top first")
+        if own is not None and (extra := sorted(set(own) - set(seeds or []))):
+            raise InvalidInputError(f"{where}: seeds {extra} are not in the grid's seeds {seeds}")
+        if seeds is not None and SEED_KEY in overrides:
+            raise InvalidInputError(f"{where}: {SEED_KEY} is set by `seeds:`; do not override it in a variant")
+        overrides = {str(k): v for k, v in overrides.items()}
+        for i, seed in enumerate(own or seeds or [None]):
+            run = overrides if seed is None else {**overrides, SEED_KEY: seed}
+            if i == 0:  # the seeds differ in train.seed only (checked above): one validation per variant
+                data = copy.deepcopy(base)
+                for key, value in run.items():
+                    _set(data, key, value, where)
+                _validate(data, params.parent, where)
+            label = name if seed is None else f"{name}-s{seed}"
+            grid.append(Variant(label, run, variant=name, seed=seed))
+    names = [v.name for v in grid]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise InvalidInputError(f"{path}: experiment names {dupes} occur twice (a variant named like "
+                                "<variant>-s<seed>?)")
     return grid
 
 
@@ -146,6 +185,39 @@ def experiment_metrics(show: list[dict[str, Any]], names: set[str]) -> dict[str,
             found[name] = {"rev": rev.get("rev", "")[:7], "state": executor.get("state") or "success",
                            "metrics": metrics, "error": "; ".join(errors) or (rev.get("error") or None)}
     return found
+
+
+def expected_params(base: dict[str, Any], variant: Variant) -> dict[str, Any]:
+    """The flat params.yaml an experiment of `variant` runs with: `base` (params.yaml) plus its overrides."""
+    data = copy.deepcopy(base)
+    for key, value in variant.overrides.items():
+        _set(data, key, value, f"variant {variant.name!r}")
+    return flatten(data)
+
+
+def finished(show: list[dict[str, Any]], grid: list[Variant], base: dict[str, Any]) -> set[str]:
+    """Experiments of the grid that need no re-run: listed by `dvc exp show --json` (which lists the current
+    commit's experiments), finished without error, with exactly the params.yaml the grid gives them now.
+
+    A changed param (in params.yaml or in the grid) or a failed run makes it pending again. Code changes are
+    seen through the commit: commit them, and the old commit's experiments are no longer listed.
+    """
+    wanted = {v.name: v for v in grid}
+    done: set[str] = set()
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            name, revs = exp.get("name"), exp.get("revs") or []
+            if name not in wanted or not revs or (exp.get("executor") or {}).get("state") not in (None, "success"):
+                continue
+            rev = revs[0]
+            data = rev.get("data") or {}
+            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+            metrics = data.get("metrics") or {}
+            if rev.get("error") or not metrics or any("error" in m for m in metrics.values()):
+                continue
+            if flatten(params) == expected_params(base, wanted[name]):
+                done.add(name)
+    return done
 
 
 def result_rows(variants: list[Variant], outcome: dict[str, Any], metrics: dict[str, dict[str, Any]]

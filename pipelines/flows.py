@@ -290,11 +290,13 @@ def run_queue(root: str, ids: dict[str, str], jobs: int, timeout: float, poll: f
 
 @flow(name="far-ablation")
 def ablation(project: str = ".", variants: list[str] | None = None, grid: str | None = None,
-             jobs: int | None = None) -> list[dict[str, Any]]:
-    """Queue the grid's variants as DVC experiments, run them, and tabulate their metrics.
+             jobs: int | None = None, keep: bool = False) -> list[dict[str, Any]]:
+    """Queue the grid's experiments (variant x seed) as DVC experiments, run them, and tabulate their metrics.
 
     The stages no variant touches run first, once, in the workspace: every experiment then takes them from
     the cache, and reports/ablations.md shows it (stages run vs. from the cache, per experiment).
+    `variants` names variants (every seed) or experiments (`far-s4`). `keep`: experiments of this commit
+    that finished with the same params are kept (state `kept`), not queued again.
     """
     logger = get_run_logger()
     root = Path(project).resolve()
@@ -303,10 +305,11 @@ def ablation(project: str = ".", variants: list[str] | None = None, grid: str | 
     grid_path = root / (grid or cfg.ablations)
     chosen = grid_lib.load_grid(grid_path, root / PARAMS)
     if variants is not None:
-        unknown = sorted(set(variants) - {v.name for v in chosen})
+        unknown = sorted(set(variants) - {v.name for v in chosen} - {v.group for v in chosen})
         if unknown:
-            raise InvalidInputError(f"{grid_path}: no variant {unknown}; variants: {[v.name for v in chosen]}")
-        chosen = [v for v in chosen if v.name in variants]
+            raise InvalidInputError(f"{grid_path}: no variant {unknown}; variants: "
+                                    f"{list(dict.fromkeys(v.group for v in chosen))}")
+        chosen = [v for v in chosen if v.name in variants or v.group in variants]
     graph = stage_graph(root)
     _check_stage_names(cfg, graph)
     touched = grid_lib.touched_stages(graph, stage_params(root), chosen)
@@ -316,8 +319,17 @@ def ablation(project: str = ".", variants: list[str] | None = None, grid: str | 
     run_stages(root, shared, cfg, remote)
 
     tags = ["far", "dvc-queue", *([cfg.gpu_tag] if touched & set(cfg.gpu_stages) else [])]
-    ids = queue_variants(str(root), [{"name": v.name, "overrides": v.overrides} for v in chosen])
-    outcome = run_queue.with_options(tags=tags)(str(root), ids, jobs or cfg.queue_jobs, cfg.queue_timeout)
+    kept: set[str] = set()
+    if keep:
+        before = json.loads(run_quiet(["exp", "show", "--json"], root, "`dvc exp show`"))
+        kept = grid_lib.finished(before, chosen, yaml.safe_load((root / PARAMS).read_text()))
+        logger.info("kept (finished with the same params): %s", sorted(kept) or "none")
+    todo = [{"name": v.name, "overrides": v.overrides} for v in chosen if v.name not in kept]
+    logger.info("experiments to run: %d of %d", len(todo), len(chosen))
+    outcome = {n: {"status": "kept", "error": None, "ran": [], "skipped": []} for n in kept}
+    if todo:
+        ids = queue_variants(str(root), todo)
+        outcome |= run_queue.with_options(tags=tags)(str(root), ids, jobs or cfg.queue_jobs, cfg.queue_timeout)
     shown = json.loads(run_quiet(["exp", "show", "--json"], root, "`dvc exp show`"))
     metrics = grid_lib.experiment_metrics(shown, {v.name for v in chosen})
 
@@ -327,7 +339,7 @@ def ablation(project: str = ".", variants: list[str] | None = None, grid: str | 
     create_table_artifact(key="far-ablations", table=grid_lib.table(rows),
                           description=f"ablation grid {grid_path.name} in {root}")
     logger.info("wrote %s", root / ABLATIONS_REPORT)
-    if failed := [r for r in rows if r["state"] != "success"]:
+    if failed := [r for r in rows if r["state"] not in ("success", "kept")]:
         raise AblationFailed("; ".join(f"variant {r['variant']!r} {r['state']}: {r['error']}" for r in failed)
                              + f" (see {ABLATIONS_REPORT})")
     return rows
@@ -353,9 +365,10 @@ def ablation_cmd(
     variant: list[str] = typer.Option(None, help="Only these variants of the grid (repeatable)."),
     grid: str = typer.Option(None, help="Variant grid, relative to the project (default orchestrate.ablations)."),
     jobs: int = typer.Option(None, help="Experiments at once (default orchestrate.queue_jobs)."),
+    keep: bool = typer.Option(False, help="Keep experiments of this commit that finished with the same params."),
 ) -> None:
     """Run the ablation flow once."""
-    rows = ablation(project=str(project), variants=variant or None, grid=grid, jobs=jobs)
+    rows = ablation(project=str(project), variants=variant or None, grid=grid, jobs=jobs, keep=keep)
     print(f"far-ablation: {len(rows)} experiments -> {project / ABLATIONS_REPORT}")
 
 

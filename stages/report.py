@@ -25,6 +25,8 @@ def main(
     eval_dir: Path = typer.Option(Path("reports/eval"), "--eval",
                                   help="Evaluate stage tables and backbones.json (the metric backbones' names)."),
     repo: Path = typer.Option(Path("."), help="DVC repository to list experiments from (`dvc exp show`)."),
+    claims: Path = typer.Option(Path("reports/claims.md"), help="`far claims` output, shown when it exists "
+                                "(written after the grid: no DVC dependency, like the experiment table)."),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml to read the `report` section from."),
     experiments: bool = typer.Option(
         False, "--experiments", help="Only write experiments.html beside --out: every DVC experiment's metrics "
@@ -39,7 +41,7 @@ def main(
         table, note = write_experiments_page(metrics, repo, page)
         print(f"report: {page} [{len(table['rows']) if table else 0} runs: {note}]")
         return
-    ctx = build_report(Inputs(segmented, fusion, samples, metrics, live, eval_dir), out, assets, cfg, repo=repo)
+    ctx = build_report(Inputs(segmented, fusion, samples, metrics, live, eval_dir, claims), out, assets, cfg, repo=repo)
     exps = f"{len(ctx.experiments['rows'])} experiments" if ctx.experiments else "this run only"
     gaps = f"; missing: {', '.join(ctx.missing)}" if ctx.missing else ""
     print(f"report: {out} [{sum(len(p['seeds']) for p in ctx.samples)} samples, {len(ctx.curves)} curves, "

@@ -156,10 +156,11 @@ def test_missing_dependency_is_not_retryable_and_names_it(tmp_path: Path):
 
 def test_ablation_grid_is_validated_before_anything_runs(tmp_path: Path):
     grid = load_grid(ROOT / "ablations.yaml", ROOT / "params.yaml")
-    assert {"baseline", "+fusion", "+refine", "far"} <= {v.name for v in grid}
-    baseline = next(v for v in grid if v.name == "baseline")
+    assert {"baseline", "+fusion", "+refine", "far", "dreambooth", "lora", "far-no-tokens"} <= {v.group for v in grid}
+    assert {"far-s3", "far-s4", "far-s5"} <= {v.name for v in grid}  # one experiment per variant and seed
+    baseline = next(v for v in grid if v.name == "baseline-s4")
     assert baseline.set_args() == ["-S", "fusion.num_single=0", "-S", "fusion.num_multi=0",
-                                   "-S", "train.refine.weight=0.0"]
+                                   "-S", "train.refine.weight=0.0", "-S", "train.seed=4"]
     bad = tmp_path / "grid.yaml"
     bad.write_text("variants:\n  typo:\n    train.refine.wieght: 0\n")
     with pytest.raises(InvalidInputError, match=r"variant 'typo'.*train\.refine\.wieght"):
