@@ -42,10 +42,12 @@ exps: $(VENV)/.installed
 # the `ablation` flow (progress: its log of queue states), then `far claims` -> reports/claims.md/.json/.html.
 # --keep: experiments of this commit that finished with the same params are not run again, and DVC's caches
 # serve every unchanged stage, so a re-run with nothing changed re-runs nothing. JOBS=1 for one at a time.
+# Prefect's ephemeral API server gets 300 s to start (its default 20 s is too short on a busy 2-core machine).
 JOBS ?= 2
 claims: $(VENV)/.installed weights
 	$(BIN)/far check-params params.yaml
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipelines.flows ablation --jobs $(JOBS) --keep $(ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-300} \
+		$(BIN)/python -m pipelines.flows ablation --jobs $(JOBS) --keep $(ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/far claims
 	@echo ""
 	@echo "Claims: $(CURDIR)/reports/claims.md ($(CURDIR)/reports/claims.html)"
