@@ -23,7 +23,7 @@ def test_help_lists_every_stage_command():
 
 def test_check_params_reports_concepts_and_errors(params_file):
     ok = run([_far(), "check-params", str(ROOT / "params.yaml")], ROOT)
-    assert "dog=<far-dog> dog" in ok.stdout
+    assert "world_dog_a=<far-dog-a> dog" in ok.stdout
     bad = params_file(lambda d: d.__setitem__("trian", d.pop("train")))
     proc = run([_far(), "check-params", str(bad)], ROOT, check=False)
     assert proc.returncode == 2
@@ -32,7 +32,8 @@ def test_check_params_reports_concepts_and_errors(params_file):
 
 def test_stage_command_runs_the_stage(tmp_path: Path):
     out = tmp_path / "base"
-    proc = run([_far(), "base-model", "--out", str(out), "--params", str(ROOT / "params.yaml")], ROOT)
+    proc = run([_far(), "base-model", "--out", str(out), "--params", str(ROOT / "configs" / "dreambench-tiny.yaml")],
+               ROOT)
     assert "base_model: tiny" in proc.stdout
     assert (out / "model_index.json").is_file()
 

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 
 from far.config import SECTIONS, ParamsError, load_params
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, TINY_PARAMS, run
 
 
 def test_default_params_load_with_every_section():
     params = load_params(ROOT / "params.yaml")
     assert SECTIONS == ("model", "concepts", "segment", "priors", "fusion", "train", "sample", "eval", "report",
                         "orchestrate")
-    assert [c.name for c in params.concepts.subjects] == ["dog", "dog3"]
-    assert params.model.pretrained == "tiny"
+    assert [c.name for c in params.concepts.subjects] == ["world_dog_a", "world_dog_b"]
+    assert params.model.pretrained == "world" and params.model.resolution == 64
+    tiny = load_params(TINY_PARAMS)
+    assert [c.name for c in tiny.concepts.subjects] == ["dog", "dog3"] and tiny.model.pretrained == "tiny"
 
 
 def _error(params_file, edit) -> str:

@@ -73,7 +73,7 @@ def test_world_truths_all_or_none(tmp_path: Path):
         read_truth(tmp_path / a.name)
 
 
-@pytest.mark.parametrize(("config", "pair"), [("world.yaml", "default"), ("world-pair2.yaml", "pair2")])
+@pytest.mark.parametrize(("config", "pair"), [("../params.yaml", "default"), ("world-pair2.yaml", "pair2")])
 def test_world_configs_name_the_world_pairs(config: str, pair: str):
     from far.config import load_params
 
@@ -82,4 +82,4 @@ def test_world_configs_name_the_world_pairs(config: str, pair: str):
     assert world_truths(cfg.concepts.subjects, required=True) == {d.name: d for d in PAIRS[pair]}
     assert (cfg.model.pretrained, cfg.model.resolution, cfg.segment.backend) == ("world", 64, "provided")
     assert (cfg.sample.prompt_set, cfg.eval.clip_model, cfg.eval.subject_finder, cfg.eval.world) == (
-        "world", "world", "oracle", True)
+        "world", "world", "oracle", "auto")

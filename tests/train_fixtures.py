@@ -21,7 +21,7 @@ RESOLUTION = 128  # 16x16 latents: fast on 2 shared cores; refine maps at downsc
 
 
 def concepts() -> ConceptsConfig:
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())["concepts"]
+    data = yaml.safe_load((ROOT / "configs" / "dreambench-tiny.yaml").read_text())["concepts"]
     for c in data["subjects"]:
         c["images"] = str(ROOT / c["images"])
     return ConceptsConfig.model_validate(data)

@@ -67,7 +67,7 @@ class WorldDog:
                         int(d["seed"]))
 
 
-# The default pair (configs/world.yaml) and a second pair nobody tuned on (configs/world-pair2.yaml, issue 13).
+# The default pair (params.yaml) and a second pair nobody tuned on (configs/world-pair2.yaml, issue 13).
 PAIRS: dict[str, tuple[WorldDog, WorldDog]] = {
     "default": (
         WorldDog("world_dog_a", "dog", "red", "blue", "spots", ("grass",), seed=101),
