@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tiny random-weight model on two DreamBench dogs (the default before the world): what the unit tests of
+# config, training and CLI plumbing mutate; the world default itself is tested by the end-to-end tests.
+TINY_PARAMS = ROOT / "configs" / "dreambench-tiny.yaml"
 # What a fresh clone holds that stages need (everything else is a stage output or tooling).
 PROJECT_FILES = ("far", "stages", "pipelines", "params.yaml", "dvc.yaml", "data/concepts", "pyproject.toml")
 
@@ -60,13 +63,22 @@ def project(tmp_path: Path) -> Path:
     return make_project_copy(tmp_path / "project")
 
 
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The whole pipeline run once under DVC and committed as the baseline (tests/pipeline_fixtures.py), with
+    the hashes of its outputs. Shared by every test that needs a finished run: copy it before changing it."""
+    from tests.pipeline_fixtures import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("e2e") / "reference")
+
+
 @pytest.fixture
 def params_file(tmp_path: Path):
-    """Write a params.yaml variant: `params_file(edit)` where `edit(dict)` mutates the default params."""
+    """Write a params.yaml variant: `params_file(edit)` where `edit(dict)` mutates the tiny DreamBench params."""
     import yaml
 
     def write(edit=None) -> Path:
-        data = yaml.safe_load((ROOT / "params.yaml").read_text())
+        data = yaml.safe_load(TINY_PARAMS.read_text())
         for c in data["concepts"]["subjects"]:
             c["images"] = str(ROOT / c["images"])
         if edit is not None:

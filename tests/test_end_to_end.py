@@ -2,18 +2,16 @@
 and recovery from SIGKILL in the middle of a stage (issue #7).
 
 These run the whole pipeline several times, so the project copy uses a smaller (but complete) setting of
-the same params: fewer steps, examples and samples. Every stage still runs its real code.
+the same params (tests/pipeline_fixtures.py FAST). The uninterrupted reference run is the session fixture
+`reference` (tests/conftest.py), shared with tests/test_experiment_loop.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
+import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,71 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_project_copy, project_env, run
+from tests.conftest import project_env, run
+from tests.pipeline_fixtures import BASELINE_FILES, DVC, fast_project, results, sha256, stages_run
 
 pytestmark = pytest.mark.slow
-
-DVC = [sys.executable, "-m", "dvc"]
-# dotted key -> value; a key that no longer exists fails loudly instead of silently testing defaults
-FAST = {
-    "priors.per_class": 2,
-    "fusion.num_single": 6,
-    "fusion.num_multi": 8,
-    "train.steps": 12,
-    "train.checkpoint_every": 4,
-    "sample.seeds": [0],
-}
-
-
-def _set(params: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    if leaf not in node:
-        raise KeyError(f"params.yaml has no key {dotted!r}: update tests/test_end_to_end.py FAST")
-    node[leaf] = value
-
-
-def fast_project(dest: Path) -> Path:
-    project = make_project_copy(dest)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for key, value in FAST.items():
-        _set(params, key, value)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "fast params for tests"], project)
-    return project
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w-]+)'", output)
-
-
-def sha256(path: Path) -> str:
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(f.relative_to(path)).encode() + f.read_bytes())
-        return digest.hexdigest()
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def results(project: Path) -> dict[str, str]:
-    """Hashes of the outputs that must be identical between runs (on CPU)."""
-    return {
-        "fusion": sha256(project / "data/fusion/train.parquet"),
-        "delta": sha256(project / "models/far/delta.safetensors"),
-        "metrics": json.dumps(json.loads((project / "reports/metrics.json").read_text()), sort_keys=True),
-    }
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """One uninterrupted full run: the reference every other run must reproduce."""
-    project = fast_project(tmp_path_factory.mktemp("e2e") / "reference")
-    out = run(DVC + ["repro"], project).stdout
-    assert stages_run(out) == ["base_model", "segment", "priors", "fuse", "train", "sample", "evaluate", "report"]
-    return project, results(project)
 
 
 def test_repro_again_runs_nothing(reference):
@@ -95,10 +32,18 @@ def test_repro_again_runs_nothing(reference):
     assert "up to date" in run(DVC + ["status"], project).stdout.lower()
 
 
-def test_refine_ablation_reruns_only_downstream_of_train(reference):
-    project, _ = reference
+def test_refine_ablation_reruns_only_downstream_of_train_and_reverts(reference, tmp_path: Path):
+    project = Path(shutil.copytree(reference[0], tmp_path / "ablation", symlinks=True))
     out = run(DVC + ["exp", "run", "-S", "train.refine.weight=0"], project).stdout
     assert stages_run(out) == ["train", "sample", "evaluate", "report"], out
+    changed = yaml.safe_load((project / "params.yaml").read_text())["train"]["refine"]["weight"]
+    assert changed == 0  # a workspace run leaves its params behind
+    # the README's revert: back to the committed baseline, params and outputs
+    run(["git", "checkout", "HEAD", "--", "params.yaml", *BASELINE_FILES], project)
+    run(DVC + ["checkout"], project)
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], project).stdout == ""
+    assert "up to date" in run(DVC + ["status"], project).stdout.lower()
+    assert results(project) == reference[1]
 
 
 def test_two_clean_runs_are_identical(reference, tmp_path: Path):
@@ -141,6 +86,7 @@ def test_fuse_killed_mid_write_resumes_to_the_same_parquet(reference, tmp_path: 
     assert not (project / "data/fusion").exists(), "a killed fuse must not leave an output DVC could cache"
     out = run(DVC + ["repro", "fuse"], project).stdout
     assert stages_run(out) == ["fuse"]
+    assert not list((project / "data").glob(".fusion.tmp-*")), "the re-run must remove the killed run's temporary"
     assert sha256(project / "data/fusion/train.parquet") == expected["fusion"]
 
 
