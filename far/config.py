@@ -43,14 +43,18 @@ class TinyModelConfig(Section):
     vae_channels: list[PositiveInt] = [16, 32, 64, 64]
     text_hidden_size: PositiveInt = 64
     text_layers: PositiveInt = 2
-    attention_head_dim: PositiveInt = 8
+    # diffusers reads this UNet key as the number of heads (not their width): 1 head per layer, 32 dims at 32 channels
+    # and 64 at 64 (SD 2.1's width). 8 heads of 4 dims made a training step 1.8x slower (bench/attention_layout.py).
+    attention_head_dim: PositiveInt = 1
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
 
 class ModelConfig(Section):
     """The base model every later stage loads from `models/base` through `from_pretrained`."""
 
-    pretrained: str = "tiny"  # "tiny", a Hugging Face id, or a local diffusers directory
+    # "tiny" (random, built from code), "world" (the shipped world model, far/world/weights, 64 px, hash-checked),
+    # a Hugging Face id, or a local diffusers directory
+    pretrained: str = "tiny"
     revision: str | None = None  # HF revision (branch, tag or commit) when `pretrained` is an id
     resolution: PositiveInt = 256  # training and sampling size in pixels (square)
     seed: int = 0
@@ -149,6 +153,9 @@ def _ordered_range(v: tuple[float, float]) -> tuple[float, float]:
     return v
 
 
+PlateKind = Literal["plain", "gradient", "noise", "world"]  # far/composite.py plate()
+
+
 class BackgroundMix(Section):
     """Relative weights of the background sources of `single` and `fusion` composites (0 disables one)."""
 
@@ -184,7 +191,7 @@ class FusionConfig(Section):
     inpaint_dilate: Fraction = 0.02  # hole growth around the subject before inpainting, of the shorter side
     background_zoom: Annotated[float, Field(gt=0, le=1)] = 0.75  # backgrounds are random crops of >= this side
     backgrounds: BackgroundMix = BackgroundMix()
-    plates: Annotated[list[Literal["plain", "gradient", "noise"]], Field(min_length=1)] = ["plain", "gradient", "noise"]
+    plates: Annotated[list[PlateKind], Field(min_length=1)] = ["plain", "gradient", "noise"]
     templates: Annotated[list[str], Field(min_length=1)] = [
         "a photo of {subjects}",
         "a picture of {subjects}",
@@ -254,6 +261,9 @@ class TrainConfig(Section):
 class SampleConfig(Section):
     """Evaluation images: DreamBench prompts per concept, multi-concept prompts, fixed seeds (far/sample.py)."""
 
+    # dreambench: DreamBench + our multi-concept templates; world: the world's prompts (far/prompts.py
+    # world_prompts; every concept folder needs a world.json; the four counts below are then unused)
+    prompt_set: Literal["dreambench", "world"] = "dreambench"
     seeds: Annotated[list[int], Field(min_length=1)] = [0, 1]  # one image per prompt and seed
     num_inference_steps: PositiveInt = 20
     guidance_scale: NonNegFloat = 6.0  # classifier-free guidance is off at <= 1, as in diffusers
@@ -273,12 +283,13 @@ class SampleConfig(Section):
 class EvalConfig(Section):
     """CLIP-T / CLIP-I / DINO, multi-concept identity and attention leakage (far/metrics.py, far/identity.py)."""
 
-    clip_model: str = "tiny"  # "tiny" (offline, built from code) or a clip-anytorch name / checkpoint path
+    # "tiny" (offline, built from code), "world" (far/world/weights/clip.pt), a clip-anytorch name or checkpoint path
+    clip_model: str = "tiny"
     dino_model: str = "tiny"  # "tiny" or an HF id / local dir of a DINO ViT (e.g. facebook/dino-vits16)
     batch_size: PositiveInt = 16  # images per backbone forward pass
     tiny_seed: int = 0  # seed of the tiny backbones (ignored for real ones)
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"  # auto = cuda if available
-    subject_finder: Literal["segment", "owlv2"] = "segment"  # finds subjects from pixels only (far/subjects.py)
+    subject_finder: Literal["segment", "owlv2", "oracle"] = "segment"  # from pixels only (far/subjects.py)
     detector_model: str = "google/owlv2-base-patch16-ensemble"  # subject_finder owlv2: HF id or local directory
     detector_threshold: Fraction = 0.1  # subject_finder owlv2: lowest box score kept
     min_subject_area: Fraction = 0.01  # subject_finder segment: smaller foreground components are dropped
@@ -286,6 +297,9 @@ class EvalConfig(Section):
     # attn_* diagnostics only (they read the attention maps that training optimises):
     regions: Literal["attention", "segment"] = "attention"  # a concept's region: its map, or the foreground split
     region_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5  # region = its min-max-scaled map >= this
+    # The world verdict (far/world/verdict.py): auto = when every concept folder has a world.json
+    world: bool | Literal["auto"] = "auto"
+    oracle: str = "world"  # world (the shipped far/world/weights/oracle.safetensors) or an oracle safetensors path
 
 
 # ---------------------------------------------------------------------------------------------- report
