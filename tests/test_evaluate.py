@@ -17,8 +17,8 @@ from far.backbones import load_clip, load_dino
 from far.config import load_params
 from far.metrics import evaluate, mean_pairwise, open_rgb
 from far.subjects import SegmentFinder
-from tests._eval_inputs import GREY, ROOT, make_samples, make_segmented
-from tests.conftest import run
+from tests._eval_inputs import GREY, make_samples, make_segmented
+from tests.conftest import TINY_PARAMS, run
 
 CPU = torch.device("cpu")
 
@@ -94,7 +94,7 @@ def test_metrics_are_nested_numeric_and_consistent_with_the_tables(tmp_path, seg
 @pytest.fixture(scope="module")
 def right_maps(tmp_path_factory, segmented, backbones) -> dict:
     """metrics.json of the composites with the right attention maps, computed once for the module."""
-    cfg = load_params(ROOT / "params.yaml")
+    cfg = load_params(TINY_PARAMS)
     return run_eval(tmp_path_factory.mktemp("right"), segmented, cfg, backbones, "right")[0]
 
 
@@ -203,6 +203,8 @@ def test_stage_writes_metrics_and_tables(tmp_path: Path, segmented: Path, params
 
 @pytest.mark.slow
 def test_dvc_repro_evaluate_shows_nested_metrics_and_plots(project: Path) -> None:
+    (project / "params.yaml").write_text(TINY_PARAMS.read_text())  # the samples below are of the DreamBench dogs
+    run(["git", "commit", "-qam", "tiny DreamBench params"], project)
     make_samples(project / "data" / "samples", seeds=(0,))
     make_segmented(project / "data" / "segmented", n=2)
     run([sys.executable, "-m", "dvc", "repro", "--single-item", "evaluate"], project)
