@@ -76,8 +76,10 @@ def synthetic_batch(batch_size: int, resolution: int, factors: list[int], seed: 
                  is_prior=torch.zeros(batch_size, dtype=bool))
 
 
-def make_stepper(mode: str, args: dict):
-    """A function running one full training step in `mode` ('on' | 'off'), on its own model copy."""
+def make_stepper(mode: str, args: dict, models: tuple | None = None):
+    """A function running one full training step in `mode` ('on' | 'off'), on its own model copy.
+
+    `models`: (unet, text_encoder, scheduler) to use instead of `build(...)` (bench/attention_layout.py)."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -89,7 +91,7 @@ def make_stepper(mode: str, args: dict):
     device = torch.device(args["device"])
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args["dtype"]]
     torch.manual_seed(0)
-    unet, text, sched = build(args["full_size"], args["resolution"])
+    unet, text, sched = models or build(args["full_size"], args["resolution"])
     cfg = TrainConfig(batch_size=args["batch_size"])
     cfg.refine.downscale = [32]
     cfg.refine.weight = 0.1 if mode == "on" else 0.0
