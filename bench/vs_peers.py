@@ -10,7 +10,7 @@ count, one thread each (OMP/MKL_NUM_THREADS=1), fp32, no prior preservation:
     dreambooth    diffusers' train_dreambooth.py: the whole UNet (text encoder frozen)
     far_unet      far `train`, modules unet, no token rows, refine on
 
-Each variant runs at two step counts (`--steps 4 --steps 20`); the time per step is the difference divided by
+Each variant runs at two step counts (`--steps 4 --steps 44`); the time per step is the difference divided by
 the difference of the counts, so imports, model loading, data set-up and saving (start-up) drop out, and are
 reported on their own. Runs are interleaved (each repetition runs every variant once at each count, in an
 order rotated per repetition) so load from other processes hits all alike; figures are medians over the
@@ -222,7 +222,8 @@ def main(
     images: int = typer.Option(6, help="Composites made when --data is not given."),
     resolution: int = typer.Option(256),
     batch_size: int = typer.Option(2),
-    steps: list[int] = typer.Option([4, 20], help="The two step counts (per-step time from their difference)."),
+    steps: list[int] = typer.Option([4, 44], help="The two step counts (per-step time from their difference; the "
+                                                   "gap must dwarf start-up jitter, ~1-2 CPU-s on a shared machine)."),
     reps: int = typer.Option(3, help="Repetitions (each runs every variant at both step counts)."),
     only: list[str] = typer.Option([], help="Run only these variants (names in the module docstring)."),
     work: Path = typer.Option(ROOT / ".bench/vs_peers", help="Scratch directory (base model, data, runs, logs)."),
@@ -232,7 +233,7 @@ def main(
     from far.io import write_json
 
     if len(steps) != 2 or steps[0] >= steps[1]:
-        raise typer.BadParameter("give two increasing step counts: --steps 4 --steps 20")
+        raise typer.BadParameter("give two increasing step counts: --steps 4 --steps 44")
     n1, n2 = steps
     scripts = {"custom_diffusion": custom_diffusion, "dreambooth": dreambooth}
     variants = [v for v in VARIANTS if (v.tool == "far" or scripts[v.tool]) and (not only or v.name in only)]
