@@ -229,7 +229,7 @@ def test_invalid_params_stop_the_flow_before_dvc_deletes_any_output(prefect_serv
     assert far_pipeline(project=str(root)) == {"prepare": "ran", "score": "ran"}
     before = (root / "models/base/weights.bin").read_bytes()
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"]["resolution"] = 100
+    params["model"]["resolution"] = -64  # invalid for every model (100 is refused by the config only for tiny)
     params["model"]["seed"] = 9  # `prepare` would re-run (and DVC delete models/base first) if the check let it
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -237,7 +237,7 @@ def test_invalid_params_stop_the_flow_before_dvc_deletes_any_output(prefect_serv
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, ParamsError) and error.exit_code == INVALID_INPUT
-    assert "model.resolution: 100 is invalid" in str(error) and "\n" not in str(error)
+    assert "model.resolution: -64 is invalid" in str(error) and "\n" not in str(error)
     assert _task_runs(state.state_details.flow_run_id) == {}  # no stage started
     assert (root / "models/base/weights.bin").read_bytes() == before
 
