@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from far.io import atomic_file
 from far.world.captions import CaptionDropout, with_article
+from far.world.pretrain import progress
 from far.world.render import Scene, render, sample_scene
 from far.world.vocab import BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLOUR_NAMES
 
@@ -89,9 +90,7 @@ def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50):  # noqa: ANN201
         loss.backward()
         opt.step()
         if (step + 1) % log_every == 0:
-            rate = (time.perf_counter() - t0) / (step + 1)
-            print(f"[clip] step {step + 1}/{cfg.steps} loss {loss.item():.4f} {rate:.2f} s/step "
-                  f"ETA {rate * (cfg.steps - step - 1) / 60:.1f} min", flush=True)
+            progress("clip", step + 1, cfg.steps, 0, t0, loss=loss.item())
     return model.eval()
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from far.world.oracle import Oracle, PixelNet, SubjectNet, subject_crops, to_input
+from far.world.pretrain import progress
 from far.world.render import Scene, render, sample_scene
 from far.world.vocab import BACKGROUNDS, CLASSES, COLOUR_NAMES, PATTERNS
 
@@ -124,9 +125,7 @@ def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50) -> Oracle:
         loss.backward()
         opt.step()
         if (step + 1) % log_every == 0:
-            rate = (time.perf_counter() - t0) / (step + 1)
-            print(f"[oracle] step {step + 1}/{cfg.steps} loss {loss.item():.4f} {rate:.2f} s/step "
-                  f"ETA {rate * (cfg.steps - step - 1) / 60:.1f} min", flush=True)
+            progress("oracle", step + 1, cfg.steps, 0, t0, loss=loss.item())
     return Oracle(pixel, subject, cfg.resolution)
 
 

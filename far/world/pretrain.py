@@ -66,7 +66,8 @@ def _generator(cfg: PretrainConfig, phase: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(_rng(cfg, phase, step).integers(2**62)))
 
 
-def _progress(what: str, step: int, total: int, start_step: int, t0: float, **figures: float) -> None:
+def progress(what: str, step: int, total: int, start_step: int, t0: float, **figures: float) -> None:
+    """One progress line with s/step and ETA (every world trainer prints it the same way)."""
     done = step - start_step
     rate = (time.perf_counter() - t0) / max(done, 1)
     eta = rate * (total - step)
@@ -138,7 +139,7 @@ def train_vae(cfg: PretrainConfig, work: Path, images: np.ndarray):
         opt.step()
         if (step + 1) % cfg.log_every == 0:
             psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon, x).item(), 1e-10))
-            _progress("vae", step + 1, cfg.vae_steps, start, t0, loss=loss.item(), psnr_db=psnr)
+            progress("vae", step + 1, cfg.vae_steps, start, t0, loss=loss.item(), psnr_db=psnr)
         if (step + 1) % cfg.checkpoint_every == 0:
             _save_state(ckpt, {"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step + 1})
     vae.eval()
@@ -251,7 +252,7 @@ def train_unet(cfg: PretrainConfig, work: Path, vae, latents: torch.Tensor, scen
         ema.update(params, step)
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         if (step + 1) % cfg.log_every == 0:
-            _progress("unet", step + 1, cfg.steps, start, t0, loss=smooth)
+            progress("unet", step + 1, cfg.steps, start, t0, loss=smooth)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _save_state(ckpt, {"text_encoder": text_encoder.state_dict(), "unet": unet.state_dict(),
                                "optimizer": opt.state_dict(), "ema": ema.shadow, "step": step + 1})
