@@ -2,10 +2,11 @@
 
 Sections: the metric backbones (prominent, so tiny-backbone numbers are never mistaken for real ones),
 metric tables of this run and of every DVC experiment side by side, samples per prompt with each concept
-token's attention map overlaid, loss curves (dvclive), the fused training examples, the references and
-their masks. Links are relative and nothing is fetched from the network, so the page opens offline and
-can be copied or attached as a whole directory. A missing input leaves a visible note in its section
-(and in the stage's summary); an unreadable one is an error naming the file.
+token's attention map overlaid (and, in the world configuration, the world oracle's reading of each sample
+from `reports/eval/world.csv`: its boxes and what each subject is), loss curves (dvclive), the fused training
+examples, the references and their masks. Links are relative and nothing is fetched from the network, so the
+page opens offline and can be copied or attached as a whole directory. A missing input leaves a visible note in
+its section (and in the stage's summary); an unreadable one is an error naming the file.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from far import report_assets as pics
+from far import report_world as world_view
 from far.config import ReportConfig
 from far.errors import InvalidInputError
 from far.io import atomic_dir, write_text
@@ -63,6 +65,7 @@ class Context:
     eval_tables: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     sample_info: dict[str, Any] = field(default_factory=dict)
+    oracle_legend: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)  # set when a sample has one
     curves: list[dict[str, str]] = field(default_factory=list)
     live_summary: list[dict[str, Any]] = field(default_factory=list)
     fusion: list[dict[str, Any]] = field(default_factory=list)
@@ -305,7 +308,10 @@ def add_curves(live: Path, assets: Path, rel: str, ctx: Context) -> None:
                            "steps": str(len(df))})
 
 
-def add_samples(samples: Path, assets: Path, rel: str, cfg: ReportConfig, ctx: Context) -> None:
+def add_samples(samples: Path, assets: Path, rel: str, cfg: ReportConfig, ctx: Context,
+                world: dict[str, dict[str, Any]] | None = None) -> None:
+    """Samples per prompt with their attention overlays; `world` (far/report_world.py `read_world`): the
+    oracle's reading of each, shown beside."""
     manifest = samples / "manifest.parquet"
     if not manifest.is_file():
         ctx.missing.append(f"{manifest} (run the `sample` stage)")
@@ -324,8 +330,13 @@ def add_samples(samples: Path, assets: Path, rel: str, cfg: ReportConfig, ctx: C
                  "seeds": []}
         for row in group.head(cfg.max_samples_per_prompt).to_dict("records"):
             stem = _safe(Path(row["path"]).stem)
-            rgb = pics.fit(pics.load_rgb(samples / row["path"]), cfg.thumbnail_size)
+            full = pics.load_rgb(samples / row["path"])
+            rgb = pics.fit(full, cfg.thumbnail_size)
             pics.save_jpeg(rgb, assets / "samples" / f"{stem}.jpg")
+            oracle = None
+            if (reading := (world or {}).get(Path(row["path"]).name)) is not None:
+                oracle = world_view.oracle_figure(full, reading, assets, rel, f"oracle/{stem}.jpg", cfg.thumbnail_size)
+                ctx.oracle_legend = [(world_view.ORACLE_LEGEND[k], colour) for k, colour in pics.BOX_COLOURS.items()]
             overlays = []
             for concept, token, npy in zip(row["concepts"], row["tokens"], row["attention"], strict=True):
                 path = samples / npy
@@ -334,7 +345,8 @@ def add_samples(samples: Path, assets: Path, rel: str, cfg: ReportConfig, ctx: C
                 heat = pics.heat_overlay(rgb, np.load(path), cfg.overlay_alpha)
                 pics.save_jpeg(heat, assets / "attn" / f"{stem}_{_safe(concept)}.jpg")
                 overlays.append({"concept": concept, "token": token, "src": f"{rel}/attn/{stem}_{_safe(concept)}.jpg"})
-            entry["seeds"].append({"seed": int(row["seed"]), "src": f"{rel}/samples/{stem}.jpg", "overlays": overlays})
+            entry["seeds"].append({"seed": int(row["seed"]), "src": f"{rel}/samples/{stem}.jpg", "overlays": overlays,
+                                   "oracle": oracle})
         ctx.samples.append(entry)
 
 
@@ -392,7 +404,7 @@ def build_report(inputs: Inputs, out: Path, assets: Path, cfg: ReportConfig, rep
     with atomic_dir(assets) as tmp:
         read_metrics(inputs.metrics, ctx)
         read_backbones(inputs.eval, ctx)
-        add_samples(inputs.samples, tmp, rel, cfg, ctx)
+        add_samples(inputs.samples, tmp, rel, cfg, ctx, world_view.read_world(inputs.eval))
         add_curves(inputs.live, tmp, rel, ctx)
         add_fusion(inputs.fusion, tmp, rel, cfg, ctx)
         add_references(inputs.segmented, tmp, rel, cfg.thumbnail_size, ctx)

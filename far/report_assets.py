@@ -1,4 +1,4 @@
-"""Pictures for the HTML report: thumbnails, mask outlines, attention heat maps, loss curves.
+"""Pictures for the HTML report: thumbnails, mask outlines, attention heat maps, oracle boxes, loss curves.
 
 Every function writes one local file (JPEG for photos, PNG for masks and plots) and returns nothing; the
 report links them relatively, so the page opens offline from any location.
@@ -6,16 +6,23 @@ report links them relatively, so the page opens offline from any location.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # Distinct, colour-blind-safe outline colours (Okabe-Ito), one per concept in a picture.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167),
 )
+
+# The world oracle's boxes by what the subject is (far/report_world.py `oracle_figure`): far from every colour the world
+# paints subjects and backgrounds with (far/world/vocab.py), and drawn on a black rim, so a box shows on any of them.
+BOX_COLOURS: dict[str, tuple[int, int, int]] = {
+    "concept": (0, 255, 255), "mix": (255, 0, 255), "other": (255, 255, 255),
+}
 
 
 def fit(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -25,6 +32,35 @@ def fit(rgb: np.ndarray, size: int) -> np.ndarray:
     if scale == 1.0:
         return rgb
     return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def enlarge(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 scaled so its longest side is `size`: up by nearest neighbour (a 64 px sample's pixels
+    stay crisp squares), down as `fit` does."""
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    if scale <= 1.0:
+        return fit(rgb, size)
+    return cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_NEAREST)
+
+
+def boxes(rgb: np.ndarray, items: Sequence[tuple[Sequence[float], tuple[int, int, int]]], size: int) -> np.ndarray:
+    """`rgb` (H, W, 3) enlarged to `size` (`enlarge`), each (bbox, colour) drawn on it as a box.
+
+    bbox: [x0, y0, x1, y1] in `rgb`'s pixels, x1 and y1 exclusive. The colour lies just inside the box's edges
+    (so the pixel at (x0, y0), scaled, is the colour), with a one-pixel black rim on either side of it.
+    """
+    out = enlarge(rgb, size)
+    sx, sy = out.shape[1] / rgb.shape[1], out.shape[0] / rgb.shape[0]
+    width = max(2, round(max(out.shape[:2]) / 96))  # 3 px at 256
+    im = Image.fromarray(out)
+    draw = ImageDraw.Draw(im)
+    for (x0, y0, x1, y1), colour in items:
+        a, b = round(x0 * sx), round(y0 * sy)
+        c, d = max(a, round(x1 * sx) - 1), max(b, round(y1 * sy) - 1)  # PIL's corners are inclusive
+        draw.rectangle((a - 1, b - 1, c + 1, d + 1), outline=(0, 0, 0), width=width + 2)
+        draw.rectangle((a, b, c, d), outline=colour, width=width)
+    return np.asarray(im)
 
 
 def load_rgb(path: Path) -> np.ndarray:

@@ -137,6 +137,43 @@ def samples(dest: Path, seeds: tuple[int, ...] = (0, 1), side: int = 8) -> Path:
     return dest
 
 
+# What the world oracle "reads" in the fixture samples (bbox in sample pixels, x1/y1 exclusive): per prompt index,
+# (class, body, part, pattern, bbox). Prompt 0 names dog: dog red/blue spots is it; prompt 1 names dog and dog3:
+# the third dog takes its body from dog and its part and pattern from dog3, a mix of the two.
+WORLD_TRUTHS = {"dog": ("dog", "red", "blue", "spots"), "dog3": ("dog", "yellow", "purple", "stripes")}
+WORLD_READINGS = {
+    0: [("dog", "red", "blue", "spots", (40, 60, 160, 200)),
+        ("car", "yellow", "purple", "plain", (180, 190, 240, 240))],
+    1: [("dog", "red", "blue", "spots", (10, 80, 110, 220)),
+        ("dog", "yellow", "purple", "stripes", (140, 70, 250, 210)),
+        ("dog", "red", "purple", "stripes", (100, 10, 160, 60))],
+}
+
+
+def world(eval_dir: Path, samples_dir: Path) -> Path:
+    """`<eval_dir>/world.csv` as the evaluate stage writes it (far/world/verdict.py image_rows, to_csv as
+    far.metrics does), for the samples of `samples` with WORLD_READINGS as the oracle's readings."""
+    from far.metrics import Sample
+    from far.world.concepts import WorldDog
+    from far.world.oracle import Reading, SubjectReading
+    from far.world.verdict import image_rows
+
+    truths = {n: WorldDog(n, *attrs, backgrounds=("grass",), seed=0) for n, attrs in WORLD_TRUTHS.items()}
+    items, readings = [], []
+    for row in pd.read_parquet(samples_dir / "manifest.parquet").to_dict("records"):
+        items.append(Sample(row["prompt_idx"], row["prompt"], row["kind"], tuple(row["concepts"]), row["seed"],
+                            samples_dir / row["path"], ()))
+        subjects = []
+        for cls, body, part, pattern, (x0, y0, x1, y1) in WORLD_READINGS[row["prompt_idx"]]:
+            mask = np.zeros((row["height"], row["width"]), bool)
+            mask[y0:y1, x0:x1] = True
+            subjects.append(SubjectReading(cls, body, part, pattern, mask, confidence=0.81234))
+        readings.append(Reading("grass", tuple(subjects)))
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    image_rows(items, readings, truths).to_csv(eval_dir / "world.csv", index=False, float_format="%.6g")
+    return eval_dir / "world.csv"
+
+
 def all_inputs(root: Path) -> dict[str, Path]:
     """Every report input under `root`, laid out as in the project (data/..., reports/..., dvclive/)."""
     return {

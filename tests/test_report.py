@@ -85,6 +85,8 @@ def test_page_shows_every_part_with_local_relative_assets(tmp_path: Path):
     assert html.count('alt="attention of &lt;far-dog3&gt;"') == 2
     assert html.count('alt="attention of &lt;far-dog&gt;"') == 4
     assert ctx.missing == [] and "not inside of a DVC repository" in ctx.experiments_note
+    # no reports/eval/world.csv (a configuration without the world verdict): no oracle figure, legend or asset
+    assert "oracle" not in html and not ctx.oracle_legend and not (page.parent / "assets/oracle").exists()
 
 
 def test_same_inputs_give_identical_bytes(tmp_path: Path):
@@ -135,6 +137,59 @@ def test_missing_inputs_are_noted_bad_ones_are_errors(tmp_path: Path):
     with pytest.raises(InvalidInputError, match="attention map attn/001_1_dog3.npy of 001_1.png does not exist"):
         build(tmp_path / "y", samples=samples)
     assert not (tmp_path / "y/reports/index.html").exists()
+
+
+def test_oracle_reading_beside_each_sample(tmp_path: Path):
+    """reports/eval/world.csv (written by the world verdict's own image_rows): boxes on the enlarged sample, coloured
+    by what each subject is, and a caption line per subject with the oracle's background."""
+    samples = fx.samples(tmp_path / "world/samples")  # 256 px
+    world = fx.eval_dir(tmp_path / "world/eval")
+    fx.world(world, samples)
+    page, ctx = build(tmp_path, ReportConfig(thumbnail_size=512, experiments=False), samples=samples, eval=world)
+    html = page.read_text()
+    assert html.count('alt="oracle reading of seed') == 4 and len(ctx.oracle_legend) == 3
+    one = html[html.index('alt="oracle reading of seed 0"', html.index("#1 &ldquo;")):]
+    one = one[:one.index("</figure>")]  # the caption of prompt 1, seed 0
+    assert ">background grass<br>" in one
+    for line in ("dog red/blue spots = dog", "dog yellow/purple stripes = dog3",
+                 "dog red/purple stripes = mix:dog+dog3"):
+        assert f"</span>{line}" in one, line
+    assert "</span>car yellow/purple plain</figcaption>" in html  # prompt 0: a subject named nothing: no `=`
+    assert 'title="confidence 0.8123"' in one
+    assert all((page.parent / src).is_file() for src in parse(page).loads)
+
+    with Image.open(page.parent / "assets/oracle/001_0.jpg") as im:  # prompt 1: a concept and a mix
+        assert im.size == (512, 512)  # enlarged x2 from the 256 px sample
+        rgb = im.convert("RGB")
+    width = 5  # round(512 / 96): the box line, just inside the bbox scaled x2
+    for (x0, y0, x1, y1), colour in (((10, 80, 110, 220), (0, 255, 255)), ((100, 10, 160, 60), (255, 0, 255))):
+        mid = y0 + y1  # the middle of the box's left and right sides, scaled x2
+        for x in (2 * x0 + width // 2, 2 * x1 - 1 - width // 2):  # the left and right sides
+            assert all(abs(a - b) <= 40 for a, b in zip(rgb.getpixel((x, mid)), colour, strict=True)), (x, mid)
+        assert max(rgb.getpixel((2 * x0 - 1, mid))) <= 60  # the black rim just outside
+    with Image.open(page.parent / "assets/oracle/000_0.jpg") as im:  # the car: any other subject, white
+        assert min(im.convert("RGB").getpixel((2 * 180 + width // 2, 190 + 240))) >= 215
+
+
+def test_malformed_world_csv_is_an_error_naming_file_line_and_column(tmp_path: Path):
+    samples = fx.samples(tmp_path / "world/samples")
+    world = fx.eval_dir(tmp_path / "world/eval")
+    csv = fx.world(world, samples)
+    good = csv.read_text()
+    lines = good.splitlines(keepends=True)
+    lines[3] = lines[3].replace('[{""cls""', '[{cls', 1)  # line 4: 001_0.png, its subjects no longer JSON
+    csv.write_text("".join(lines))
+    with pytest.raises(InvalidInputError, match=r"world/eval/world.csv: line 4 \(001_0.png\), column subjects: "
+                                                "not valid JSON"):
+        build(tmp_path / "a", samples=samples, eval=world)
+    csv.write_text(good.replace('""bbox"": [10, 80, 110, 220]', '""bbox"": [10, 80]', 1))
+    with pytest.raises(InvalidInputError, match=r"world.csv: line 4 \(001_0.png\), column subjects: expected a JSON "
+                                                "list of subjects, each with cls, body"):
+        build(tmp_path / "b", samples=samples, eval=world)
+    csv.write_text(good.replace("oracle_background", "background_read", 1))
+    with pytest.raises(InvalidInputError, match="world/eval/world.csv: no column oracle_background"):
+        build(tmp_path / "c", samples=samples, eval=world)
+    assert not (tmp_path / "a/reports/index.html").exists() and not (tmp_path / "c/reports/assets").exists()
 
 
 EXP_SCRIPT = """
