@@ -237,6 +237,9 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 2  # rows per process per micro-batch
     gradient_accumulation: PositiveInt = 1
     learning_rate: Annotated[float, Field(gt=0)] = 1e-4
+    # The identifier rows' own rate (null: learning_rate). Textual inversion trains a token at ~10x the rate a
+    # UNet fine-tune can take without being damaged; Custom Diffusion uses one rate for both.
+    token_learning_rate: Annotated[float, Field(gt=0)] | None = None
     lr_warmup_steps: NonNegInt = 0  # linear warm-up, then constant
     weight_decay: NonNegFloat = 1e-2  # AdamW, UNet parameters only (never the token embeddings)
     max_grad_norm: NonNegFloat = 1.0  # 0 = no clipping
@@ -263,7 +266,8 @@ class SampleConfig(Section):
 
     # dreambench: DreamBench + our multi-concept templates; world: the world's prompts (far/prompts.py
     # world_prompts; every concept folder needs a world.json; the four counts below are then unused)
-    prompt_set: Literal["dreambench", "world"] = "dreambench"
+    # world-tune: the world's tuning prompts (no background named; what tuning reads instead of the evaluation set)
+    prompt_set: Literal["dreambench", "world", "world-tune"] = "dreambench"
     seeds: Annotated[list[int], Field(min_length=1)] = [0, 1]  # one image per prompt and seed
     num_inference_steps: PositiveInt = 20
     guidance_scale: NonNegFloat = 6.0  # classifier-free guidance is off at <= 1, as in diffusers

@@ -17,6 +17,11 @@ caption phrases (far/world/vocab.py): each concept alone on every background ("a
 each ordered pair on every background ("a <a> dog and a <b> dog on the grass", both orders) and the plain
 class ("a dog", "a dog in the snow", kind `class`, no concept) for prior drift. With two world concepts and
 the world's 5 backgrounds: 10 single, 10 multi and 6 class prompts.
+
+`sample.prompt_set: world-tune` is the set any tuning of training params reads, kept apart from the evaluation
+set: every world evaluation prompt but "a dog" names a background, and no tuning prompt names one ("a <a> dog",
+"a <a> dog and a <b> dog", both orders). It measures identity, both / leakage / duplicates, never backgrounds
+(memorisation is not tuned on). With two concepts: 2 single and 2 multi prompts.
 """
 
 from __future__ import annotations
@@ -154,9 +159,11 @@ def build_prompts(
     return specs
 
 
-def world_prompts(concepts: list[tuple[str, str, str]], classes: dict[str, str]) -> list[PromptSpec]:
+def world_prompts(concepts: list[tuple[str, str, str]], classes: dict[str, str],
+                  tuning: bool = False) -> list[PromptSpec]:
     """The world's prompts: single (each concept on each background), multi (each ordered pair on each
-    background) and class (the plain class word alone and on each background), in that order.
+    background) and class (the plain class word alone and on each background), in that order. `tuning`: the
+    tuning set instead (each concept and each ordered pair with no background; no class prompts).
 
     `concepts`: (name, token, class_word) triples in params order; `classes`: each concept's class in its
     world.json, which must be its class word (the word the delta was trained with).
@@ -168,6 +175,7 @@ def world_prompts(concepts: list[tuple[str, str, str]], classes: dict[str, str])
             raise InvalidInputError(f"concepts: {name} has class_word {class_word!r} but its world.json says "
                                     f"{classes[name]!r}; use the world class")
     specs: list[PromptSpec] = []
+    backgrounds = (None,) if tuning else BACKGROUNDS
 
     def add(subjects: str, names: tuple[str, ...], kind: str, background: str | None) -> None:
         template = subjects + (" {background}" if background else "")
@@ -175,12 +183,14 @@ def world_prompts(concepts: list[tuple[str, str, str]], classes: dict[str, str])
         specs.append(PromptSpec(len(specs), text, names, kind, template, background))
 
     for name, token, class_word in concepts:
-        for bg in BACKGROUNDS:
+        for bg in backgrounds:
             add(subject_phrase(token, class_word), (name,), "single", bg)
     for group in itertools.permutations(concepts, 2):
-        for bg in BACKGROUNDS:
+        for bg in backgrounds:
             names = tuple(n for n, _, _ in group)
             add(join_subjects([subject_phrase(t, cw) for _, t, cw in group]), names, "multi", bg)
+    if tuning:
+        return specs
     for class_word in dict.fromkeys(cw for _, _, cw in concepts):
         for bg in (None, *BACKGROUNDS):
             add(f"a {class_word}", (), "class", bg)
@@ -190,10 +200,10 @@ def world_prompts(concepts: list[tuple[str, str, str]], classes: dict[str, str])
 def prompts_for(cfg: SampleConfig, concepts: ConceptsConfig) -> list[PromptSpec]:
     """The prompts `sample.prompt_set` names for these concepts (world: from each concept folder's world.json)."""
     triples = [(c.name, c.token, c.class_word) for c in concepts.subjects]
-    if cfg.prompt_set == "world":
+    if cfg.prompt_set in ("world", "world-tune"):
         from far.world.concepts import world_truths
 
         truths = world_truths(concepts.subjects, required=True)
-        return world_prompts(triples, {n: t.cls for n, t in truths.items()})
+        return world_prompts(triples, {n: t.cls for n, t in truths.items()}, tuning=cfg.prompt_set == "world-tune")
     return build_prompts(triples, cfg.prompts_per_concept, cfg.multi_prompts, cfg.multi_max_concepts,
                          cfg.live_classes)

@@ -176,7 +176,7 @@ def setup(
 
     groups = [{"params": list(trainable.unet_params.values()), "weight_decay": cfg.weight_decay}]
     if emb is not None:  # no weight decay on the identifier rows (Custom Diffusion's choice too)
-        groups.append({"params": [emb], "weight_decay": 0.0})
+        groups.append({"params": [emb], "weight_decay": 0.0, "lr": cfg.token_learning_rate or cfg.learning_rate})
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
     if emb is not None:

@@ -91,3 +91,14 @@ def test_world_prompts_every_background_both_orders_and_the_plain_class():
     assert by_kind["class"][4].prompt == "a dog in a room"
     with pytest.raises(InvalidInputError, match="class_word 'dog' but its world.json says 'cat'"):
         world_prompts(dogs, {"a": "cat", "b": "dog"})
+
+
+def test_world_tuning_prompts_share_no_prompt_with_the_evaluation_set():
+    dogs = [("a", "<wa>", "dog"), ("b", "<wb>", "dog")]
+    truths = {"a": "dog", "b": "dog"}
+    tuning = world_prompts(dogs, truths, tuning=True)
+    assert [(s.prompt, s.kind, s.concepts, s.background) for s in tuning] == [
+        ("a <wa> dog", "single", ("a",), None), ("a <wb> dog", "single", ("b",), None),
+        ("a <wa> dog and a <wb> dog", "multi", ("a", "b"), None),
+        ("a <wb> dog and a <wa> dog", "multi", ("b", "a"), None)]
+    assert not {s.prompt for s in tuning} & {s.prompt for s in world_prompts(dogs, truths)}

@@ -124,6 +124,23 @@ def test_the_unet_trains_in_training_mode(setup, tmp_path):
     assert not any(p.requires_grad for n, p in run.text_encoder.named_parameters() if "rows" not in n)
 
 
+def test_the_token_rows_take_their_own_learning_rate(setup, tmp_path):
+    root, base, data = setup
+    with one_thread():
+        run = setup_run(train_config(learning_rate=1e-4, token_learning_rate=3e-3), concepts(), base, data,
+                        tmp_path / "ckpt", None, log=lambda s: None)
+        before = run.trainable.embedding.detach().clone()
+        train_step(run)
+    groups = run.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-4, 3e-3] and groups[1]["params"] == [run.trainable.embedding]
+    # Adam's first step moves every coordinate by about the rate
+    step = (run.trainable.embedding.detach() - before).abs()
+    assert torch.allclose(step.median(), torch.tensor(3e-3), rtol=0.2), step.median()
+    same = setup_run(train_config(learning_rate=1e-4), concepts(), base, data, tmp_path / "ckpt2", None,
+                     log=lambda s: None)
+    assert [g["lr"] for g in same.optimizer.param_groups] == [1e-4, 1e-4]
+
+
 def test_a_4x_vae_model_trains_and_samples_at_model_resolution(setup, tmp_path):
     """Tiny model whose VAE has 3 levels (4x): latents, masks, refine layers and sampling follow its config."""
     root = setup[0]

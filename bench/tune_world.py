@@ -1,0 +1,94 @@
+"""Tuning of training params on the world, on prompts and seeds the evaluation never uses.
+
+    python bench/tune_world.py --setting lr2e-3:learning_rate=2e-3 \
+        --setting kv5e-4_tok5e-3:learning_rate=5e-4,token_learning_rate=5e-3
+
+Each setting is `name:key=value,...` over the `train` section of --params (values parsed as YAML). For each
+one: `train` on the fusion set the pipeline already made (data/fusion/train.parquet, models/base), `sample`
+the tuning prompts (`sample.prompt_set: world-tune`: no background named, so none of them is an evaluation
+prompt) at seeds 100-107 (the evaluation uses 0-3), and the world verdict of the oracle. Training uses
+--train-seed (default 9; the grid's seeds are 3-5). Writes reports/bench/tune_world.json, one entry per
+setting; a setting already there with the same params is not run again (a killed run resumes at the next one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from far.config import load_params
+from far.io import write_json
+
+OUT = Path("reports/bench/tune_world.json")
+SEEDS = list(range(100, 108))
+FIGURES = {"single": ("identity",), "multi": ("both", "leakage", "duplicate", "subjects_per_image")}
+
+
+def parse_setting(text: str) -> tuple[str, dict]:
+    name, _, body = text.partition(":")
+    if not name or not body:
+        raise SystemExit(f"--setting {text!r}: expected name:key=value,...")
+    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in body.split(","))}
+
+
+def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> dict:
+    from far.metrics import open_rgb, read_samples
+    from far.sample import run_sample
+    from far.train import train
+    from far.world.concepts import world_truths
+    from far.world.verdict import load_oracle, verdict
+
+    p = load_params(params)
+    train_cfg = p.train.model_copy(update={"seed": train_seed, **overrides})
+    train_cfg = type(p.train).model_validate(train_cfg.model_dump())  # validates the overrides
+    sample_cfg = p.sample.model_copy(update={"prompt_set": "world-tune", "seeds": SEEDS})
+    if work.exists():
+        shutil.rmtree(work)
+    t0 = time.perf_counter()
+    train(train_cfg, p.concepts, Path("models/base"), Path("data/fusion/train.parquet"), work / "far",
+          work / "ckpt", work / "live", log=lambda s: None, resolution=p.model.resolution)
+    t_train = time.perf_counter() - t0
+    run_sample(Path("models/base"), work / "far", work / "samples", sample_cfg, p.concepts,
+               resolution=p.model.resolution)
+    truths = world_truths(p.concepts.subjects, required=True)
+    block, images, _ = verdict(read_samples(work / "samples", p.concepts), load_oracle(p.eval.oracle), truths,
+                               open_rgb)
+    images.to_csv(work / "world.csv", index=False)
+    figures = {f: block[kind][f] for kind, names in FIGURES.items() for f in names}
+    counts = {kind: block[kind]["n_images"] for kind in FIGURES}
+    return {"train": {k: train_cfg.model_dump(mode="json")[k] for k in ("seed", *overrides)},
+            "figures": figures, "n_images": counts, "train_seconds": round(t_train, 1),
+            "per_concept_identity": {n: b["identity"] for n, b in block["per_concept"].items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", action="append", required=True, help="name:key=value,... over `train`")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--train-seed", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path(".tune"))
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    done = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for text in args.setting:
+        name, overrides = parse_setting(text)
+        key = {"params": str(args.params), "train_seed": args.train_seed, "overrides": overrides, "seeds": SEEDS}
+        if done.get(name, {}).get("key") == key:
+            print(f"{name}: done already {done[name]['figures']}")
+            continue
+        result = run_setting(args.params, overrides, args.train_seed, args.work / name)
+        done[name] = {"key": key} | result
+        write_json(args.out, done)  # after every setting: a killed run keeps what it finished
+        print(f"{name}: {result['figures']} (train {result['train_seconds']} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
