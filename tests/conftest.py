@@ -11,6 +11,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# `make test` runs two pytest-xdist workers, one per core. Each worker, and every stage it starts, then runs torch
+# on one thread: two processes of two OpenMP threads on two cores run several times slower (measured here).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests run on a worker per module (module fixtures are built once), except that every test of the shared
+    DVC reference run, and every Prefect flow test, runs on one worker: the session fixture is built once."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        group = "reference" if "reference" in names else "prefect" if "prefect_server" in names else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 # The tiny random-weight model on two DreamBench dogs (the default before the world): what the unit tests of
 # config, training and CLI plumbing mutate; the world default itself is tested by the end-to-end tests.
 TINY_PARAMS = ROOT / "configs" / "dreambench-tiny.yaml"

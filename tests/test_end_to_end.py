@@ -46,13 +46,6 @@ def test_refine_ablation_reruns_only_downstream_of_train_and_reverts(reference, 
     assert results(project) == reference[1]
 
 
-def test_two_clean_runs_are_identical(reference, tmp_path: Path):
-    _, expected = reference
-    project = fast_project(tmp_path / "again")
-    run(DVC + ["repro"], project)
-    assert results(project) == expected
-
-
 def _kill_when(project: Path, stage: str, ready, timeout: float = 300) -> str:
     """Start `dvc repro <stage>`; SIGKILL its whole process group once `ready(output_so_far)` is true.
 
@@ -79,9 +72,12 @@ def _kill_when(project: Path, stage: str, ready, timeout: float = 300) -> str:
     return "".join(seen)
 
 
-def test_fuse_killed_mid_write_resumes_to_the_same_parquet(reference, tmp_path: Path):
+def test_a_second_clean_run_killed_in_fuse_and_in_train_ends_identical_to_the_reference(reference, tmp_path: Path):
+    """A second clean run, SIGKILLed mid-write in `fuse` and after a checkpoint in `train`, each resumed with
+    `dvc repro`, ends with the reference's byte-identical Parquet, weights and metrics: two clean runs are
+    identical, and a kill changes nothing. (One project for both kills: the upstream stages run once.)"""
     _, expected = reference
-    project = fast_project(tmp_path / "killed-fuse")
+    project = fast_project(tmp_path / "killed")
     _kill_when(project, "fuse", lambda _: any((project / "data").glob(".fusion.tmp-*")))
     assert not (project / "data/fusion").exists(), "a killed fuse must not leave an output DVC could cache"
     out = run(DVC + ["repro", "fuse"], project).stdout
@@ -89,13 +85,13 @@ def test_fuse_killed_mid_write_resumes_to_the_same_parquet(reference, tmp_path: 
     assert not list((project / "data").glob(".fusion.tmp-*")), "the re-run must remove the killed run's temporary"
     assert sha256(project / "data/fusion/train.parquet") == expected["fusion"]
 
-
-def test_train_killed_after_a_checkpoint_resumes_to_the_same_weights(reference, tmp_path: Path):
-    _, expected = reference
-    project = fast_project(tmp_path / "killed-train")
     output = _kill_when(project, "train", lambda out: "step 10/" in out)
     assert "Running stage 'train'" in output
     assert any((project / "models/checkpoints").glob("step-*")), "the killed run left no checkpoint"
     out = run(DVC + ["repro", "train"], project).stdout
     assert stages_run(out) == ["train"] and "resuming from" in out, out
     assert sha256(project / "models/far/delta.safetensors") == expected["delta"]
+
+    out = run(DVC + ["repro"], project).stdout
+    assert stages_run(out) == ["sample", "evaluate", "report"], out
+    assert results(project) == expected
