@@ -3,8 +3,9 @@
     python bench/tune_world.py --setting lr2e-3:learning_rate=2e-3 \
         --setting kv5e-4_tok5e-3:learning_rate=5e-4,token_learning_rate=5e-3
 
-Each setting is `name:key=value,...` over the `train` section of --params (values parsed as YAML). For each
-one: `train` on the fusion set the pipeline already made (data/fusion/train.parquet, models/base), `sample`
+Each setting is `name:key=value,...` over the `train` section of --params (dotted keys: `refine.weight=0`;
+values parsed as YAML). For each one:
+`train` on the fusion set the pipeline already made (data/fusion/train.parquet, models/base), `sample`
 the tuning prompts (`sample.prompt_set: world-tune`: no background named, so none of them is an evaluation
 prompt) at seeds 100-107 (the evaluation uses 0-3), and the world verdict of the oracle. Training uses
 --train-seed (default 9; the grid's seeds are 3-5). Writes reports/bench/tune_world.json, one entry per
@@ -45,8 +46,16 @@ def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> d
     from far.world.verdict import load_oracle, verdict
 
     p = load_params(params)
-    train_cfg = p.train.model_copy(update={"seed": train_seed, **overrides})
-    train_cfg = type(p.train).model_validate(train_cfg.model_dump())  # validates the overrides
+    values = p.train.model_dump() | {"seed": train_seed}
+    for dotted, value in overrides.items():  # "refine.weight" reaches train.refine.weight
+        *parents, leaf = dotted.split(".")
+        node = values
+        for key in parents:
+            node = node[key]
+        if leaf not in node:
+            raise SystemExit(f"--setting: train has no key {dotted!r}")
+        node[leaf] = value
+    train_cfg = type(p.train).model_validate(values)
     sample_cfg = p.sample.model_copy(update={"prompt_set": "world-tune", "seeds": SEEDS})
     if work.exists():
         shutil.rmtree(work)
@@ -62,7 +71,7 @@ def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> d
     images.to_csv(work / "world.csv", index=False)
     figures = {f: block[kind][f] for kind, names in FIGURES.items() for f in names}
     counts = {kind: block[kind]["n_images"] for kind in FIGURES}
-    return {"train": {k: train_cfg.model_dump(mode="json")[k] for k in ("seed", *overrides)},
+    return {"train": {"seed": train_seed, **overrides},
             "figures": figures, "n_images": counts, "train_seconds": round(t_train, 1),
             "per_concept_identity": {n: b["identity"] for n, b in block["per_concept"].items()}}
 

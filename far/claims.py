@@ -31,15 +31,18 @@ WORLD = "world."  # the world block (far/world/verdict.py summarize): every nume
 # follow a renamed metric (far/world/verdict.py FIGURES; each figure f has its image count f_n beside it).
 KEYS = {
     "identity": "world.single.identity",  # single prompts: the concept is some subject
+    "likeness": "world.single.likeness",  # graded identity: share of the concept's 4 properties its best subject has
     "unseen background": "world.single.background_unseen",  # asked background (one the concept was never shown on)
     "memorised": "world.single.memorised",  # a reference background came instead of the asked unseen one
     "both correct": "world.multi.both",  # two-dog prompts: each dog is some subject
+    "two-dog likeness": "world.multi.likeness",  # the two dogs' mean likeness
     "leakage": "world.multi.leakage",  # a subject mixing the two dogs' attributes
     "duplicates": "world.multi.duplicate",  # one dog appears twice or more
     "prior drift": "world.class.drift",  # "a dog": the plain class came out as one of our dogs
 }
-HIGHER_IS_BETTER = {"identity": True, "unseen background": True, "memorised": False, "both correct": True,
-                    "leakage": False, "duplicates": False, "prior drift": False}
+HIGHER_IS_BETTER = {"identity": True, "likeness": True, "unseen background": True, "memorised": False,
+                    "both correct": True, "two-dog likeness": True, "leakage": False, "duplicates": False,
+                    "prior drift": False}
 VERDICT_CODE = {"supported": 1, "not separable at this size": 0, "not supported": -1, "not measured": None}
 CROSSATTN_KV = ("baseline", "+fusion", "+refine", "far", "far-no-tokens")  # variants training crossattn_kv
 
@@ -57,15 +60,18 @@ CLAIMS: dict[str, tuple[str, list[Comparison]]] = {
     "1": ("Concept Fusion prevents overfitting (+fusion vs baseline): fewer memorised backgrounds, better unseen "
           "backgrounds, no loss of identity",
           [Comparison("+fusion", "baseline", "memorised"), Comparison("+fusion", "baseline", "unseen background"),
-           Comparison("+fusion", "baseline", "identity", "not_worse")]),
+           Comparison("+fusion", "baseline", "identity", "not_worse"),
+           Comparison("+fusion", "baseline", "likeness", "not_worse")]),
     "2": ("Localized Refinement prevents leakage (+refine vs baseline, far vs +fusion): less leakage, fewer "
           "duplicates, more two-dog images with both dogs right",
           [Comparison(a, b, f) for a, b in (("+refine", "baseline"), ("far", "+fusion"))
-           for f in ("leakage", "duplicates", "both correct")]),
-    "3": ("Both together are best on two-dog prompts (far vs baseline, +fusion, +refine on both correct), and FaR "
-          "works for single concepts (far vs baseline: identity not worse)",
-          [*[Comparison("far", b, "both correct") for b in ("baseline", "+fusion", "+refine")],
-           Comparison("far", "baseline", "identity", "not_worse")]),
+           for f in ("leakage", "duplicates", "both correct", "two-dog likeness")]),
+    "3": ("Both together are best on two-dog prompts (far vs baseline, +fusion, +refine on both correct and "
+          "two-dog likeness), and FaR works for single concepts (far vs baseline: identity, likeness not worse)",
+          [*[Comparison("far", b, f) for b in ("baseline", "+fusion", "+refine")
+             for f in ("both correct", "two-dog likeness")],
+           Comparison("far", "baseline", "identity", "not_worse"),
+           Comparison("far", "baseline", "likeness", "not_worse")]),
     "4": ("Training only the cross-attention K/V keeps prior knowledge: less prior drift on \"a dog\" than the "
           "full UNet (dreambooth)",
           [Comparison(a, "dreambooth", "prior drift") for a in CROSSATTN_KV]),

@@ -23,8 +23,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     DVC reference run, and every Prefect flow test, runs on one worker: the session fixture is built once."""
     for item in items:
         names = getattr(item, "fixturenames", ())
-        group = "reference" if "reference" in names else "prefect" if "prefect_server" in names else item.module.__name__
+        group = ("reference" if "reference" in names else "prefect" if "prefect_server" in names
+                 else item.module.__name__)
         item.add_marker(pytest.mark.xdist_group(group))
+
+
 # The tiny random-weight model on two DreamBench dogs (the default before the world): what the unit tests of
 # config, training and CLI plumbing mutate; the world default itself is tested by the end-to-end tests.
 TINY_PARAMS = ROOT / "configs" / "dreambench-tiny.yaml"

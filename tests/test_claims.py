@@ -16,11 +16,13 @@ from pipelines.ablation import Variant, experiment_metrics, finished, load_grid
 SEEDS = (3, 4, 5)
 
 
-def world(identity=0.8, unseen=0.5, memorised=0.3, both=0.4, leakage=0.2, duplicate=0.1, drift=0.05):
-    return {"single": {"identity": identity, "identity_n": 16, "background_unseen": unseen,
-                       "background_unseen_n": 16, "memorised": memorised, "memorised_n": 16, "n_images": 32},
-            "multi": {"both": both, "both_n": 16, "leakage": leakage, "leakage_n": 16, "duplicate": duplicate,
-                      "duplicate_n": 16, "n_images": 16},
+def world(identity=0.8, unseen=0.5, memorised=0.3, both=0.4, leakage=0.2, duplicate=0.1, drift=0.05,
+          likeness=0.9, likeness2=0.7):
+    return {"single": {"identity": identity, "identity_n": 16, "likeness": likeness, "likeness_n": 16,
+                       "background_unseen": unseen, "background_unseen_n": 16, "memorised": memorised,
+                       "memorised_n": 16, "n_images": 32},
+            "multi": {"both": both, "both_n": 16, "likeness": likeness2, "likeness_n": 16, "leakage": leakage,
+                      "leakage_n": 16, "duplicate": duplicate, "duplicate_n": 16, "n_images": 16},
             "class": {"drift": drift, "drift_n": 8, "n_images": 8}}
 
 

@@ -39,32 +39,40 @@ STRANGER = subject("dog", "orange", "pink", "plain")  # a dog that is neither, a
 
 def test_single_identity_and_background_fidelity_on_a_perfect_sample():
     assert judge("single", [A.name], "beach", Reading("beach", (dog(A),)), TRUTHS) == {
-        "identity": 1.0, "background": 1.0, "background_unseen": 1.0, "memorised": 0.0}
+        "identity": 1.0, "likeness": 1.0, "background": 1.0, "background_unseen": 1.0, "memorised": 0.0}
 
 
 def test_a_memorised_background_is_the_reference_background_instead_of_the_asked_one():
     assert judge("single", [B.name], "beach", Reading("snow", (dog(B),)), TRUTHS) == {
-        "identity": 1.0, "background": 0.0, "background_unseen": 0.0, "memorised": 1.0}
+        "identity": 1.0, "likeness": 1.0, "background": 0.0, "background_unseen": 0.0, "memorised": 1.0}
     # another wrong background is not memorisation; a seen background cannot be memorised
     assert judge("single", [B.name], "beach", Reading("night", (dog(B),)), TRUTHS)["memorised"] == 0.0
-    assert judge("single", [A.name], "grass", Reading("grass", (dog(A),)), TRUTHS) == {"identity": 1.0,
-                                                                                       "background": 1.0}
+    assert judge("single", [A.name], "grass", Reading("grass", (dog(A),)), TRUTHS) == {
+        "identity": 1.0, "likeness": 1.0, "background": 1.0}
 
 
 def test_identity_needs_every_attribute_and_the_class():
-    for wrong in (MIX, subject("cat", *A.attributes), subject("dog", A.body, A.part, "plain")):
-        assert judge("single", [A.name], None, Reading("grass", (wrong,)), TRUTHS) == {"identity": 0.0}
-    assert judge("single", [A.name], None, Reading("grass", (STRANGER, dog(A))), TRUTHS) == {"identity": 1.0}
+    for wrong, like in ((MIX, 0.5), (subject("cat", *A.attributes), 0.75), (subject("dog", A.body, A.part, "plain"),
+                                                                            0.75)):
+        assert judge("single", [A.name], None, Reading("grass", (wrong,)), TRUTHS) == {"identity": 0.0,
+                                                                                       "likeness": like}
+    assert judge("single", [A.name], None, Reading("grass", (STRANGER, dog(A))), TRUTHS) == {"identity": 1.0,
+                                                                                               "likeness": 1.0}
+    # graded: the best subject counts; a stranger shares only the class; no subject is 0
+    assert judge("single", [A.name], None, Reading("grass", (STRANGER, MIX)), TRUTHS)["likeness"] == 0.5
+    assert judge("single", [A.name], None, Reading("grass", (STRANGER,)), TRUTHS)["likeness"] == 0.25
+    assert judge("single", [A.name], None, Reading("grass", ()), TRUTHS)["likeness"] == 0.0
 
 
 def test_two_dogs_perfect_leaked_duplicated_and_with_a_stranger():
     def multi(*subjects: SubjectReading) -> dict[str, float]:
         return judge("multi", [A.name, B.name], "beach", Reading("beach", subjects), TRUTHS)
 
-    assert multi(dog(A), dog(B)) == {"background": 1.0, "both": 1.0, "leakage": 0.0, "duplicate": 0.0,
-                                     "subjects_per_image": 2.0}
-    assert multi(dog(A), MIX) == {"background": 1.0, "both": 0.0, "leakage": 1.0, "duplicate": 0.0,
-                                       "subjects_per_image": 2.0}
+    assert multi(dog(A), dog(B)) == {"background": 1.0, "both": 1.0, "likeness": 1.0, "leakage": 0.0,
+                                     "duplicate": 0.0, "subjects_per_image": 2.0}
+    # MIX has B's part and pattern and the class: 3/4 of B
+    assert multi(dog(A), MIX) == {"background": 1.0, "both": 0.0, "likeness": 0.875, "leakage": 1.0,
+                                  "duplicate": 0.0, "subjects_per_image": 2.0}
     assert multi(dog(B), dog(B))["duplicate"] == 1.0 and multi(dog(B), dog(B))["both"] == 0.0
     assert multi(dog(A), dog(B), dog(A))["both"] == 1.0 and multi(dog(A), dog(B), dog(A))["duplicate"] == 1.0
     assert multi(dog(A), STRANGER)["leakage"] == 0.0  # attributes from outside the pair are not leakage
@@ -104,10 +112,13 @@ def test_summary_counts_every_figure_and_holds_numbers_only():
     world = summarize(images, TRUTHS)
     check_numbers_only(world)
     assert world["n_images"] == 9
-    assert world["single"] == {"n_images": 4, "identity": 0.75, "identity_n": 4, "background": 0.75,
+    assert world["single"] == {"n_images": 4, "identity": 0.75, "identity_n": 4, "likeness": 0.875,
+                               "likeness_n": 4, "background": 0.75,
                                "background_n": 4, "background_unseen": pytest.approx(2 / 3),
                                "background_unseen_n": 3, "memorised": pytest.approx(1 / 3), "memorised_n": 3}
-    assert world["multi"] == {"n_images": 3, "both": pytest.approx(1 / 3), "both_n": 3, "leakage": pytest.approx(1 / 3),
+    assert world["multi"] == {"n_images": 3, "both": pytest.approx(1 / 3), "both_n": 3,
+                              "likeness": pytest.approx((1 + 0.875 + 0.625) / 3), "likeness_n": 3,
+                              "leakage": pytest.approx(1 / 3),
                               "leakage_n": 3, "duplicate": pytest.approx(1 / 3), "duplicate_n": 3,
                               "background": pytest.approx(2 / 3), "background_n": 3, "subjects_per_image": 2.0,
                               "subjects_per_image_n": 3}

@@ -8,14 +8,17 @@ reports/metrics.json, each figure `f` beside `f_n`, the number of images it was 
 A subject *is* a concept when its class and all three attributes (body, part, pattern) are the concept's.
 
 - single (one concept, "a <a> dog on the beach"):
-  `identity`: some subject is the concept. `background`: the oracle's background is the asked one.
+  `identity`: some subject is the concept. `likeness`: the graded identity, the share of the concept's four
+  properties (class, body, part, pattern) that its best-matching subject has (0 with no subject; a random
+  subject of this vocabulary shares about a quarter). `background`: the oracle's background is the asked one.
   `background_unseen`: the same, only where the asked background is none of the concept's reference
   backgrounds. `memorised`: an unseen background was asked and one of the concept's reference backgrounds
   came instead.
 - multi (two concepts, "a <a> dog and a <b> dog on the grass"):
-  `both`: each concept is some subject. `leakage`: some subject of the concepts' class is neither concept but
-  takes every attribute from one of them (so some from each: a mix of the two). `duplicate`: one concept is
-  two or more subjects. `background` as above. `subjects_per_image`: subjects the oracle found.
+  `both`: each concept is some subject. `likeness`: the mean of the two concepts' likeness. `leakage`: some
+  subject of the concepts' class is neither concept but takes every attribute from one of them (so some from
+  each: a mix of the two). `duplicate`: one concept is two or more subjects. `background` as above.
+  `subjects_per_image`: subjects the oracle found.
 - class (no concept, "a dog", "a dog in the snow"):
   `drift`: some subject is one of the concepts (the prior has moved toward ours; a uniformly random dog is one
   of two given dogs with probability 2/90 in this vocabulary). `class_found`: some subject has a concept's
@@ -39,8 +42,8 @@ from far.world.concepts import WorldDog
 from far.world.oracle import Oracle, Reading, SubjectReading
 
 FIGURES = {
-    "single": ("identity", "background", "background_unseen", "memorised"),
-    "multi": ("both", "leakage", "duplicate", "background", "subjects_per_image"),
+    "single": ("identity", "likeness", "background", "background_unseen", "memorised"),
+    "multi": ("both", "likeness", "leakage", "duplicate", "background", "subjects_per_image"),
     "class": ("drift", "class_found", "background"),
 }
 PER_CONCEPT = ("identity", "background_unseen", "memorised", "multi_found")
@@ -63,6 +66,14 @@ def load_oracle(name: str) -> Oracle:
 
 def is_concept(s: SubjectReading, dog: WorldDog) -> bool:
     return s.cls == dog.cls and s.attributes == dog.attributes
+
+
+def likeness(subjects: Sequence[SubjectReading], dog: WorldDog) -> float:
+    """The best subject's share of the dog's four properties (class and the three attributes); 0 without one."""
+    def share(s: SubjectReading) -> float:
+        return (float(s.cls == dog.cls) + sum(x == y for x, y in zip(s.attributes, dog.attributes, strict=True))) / 4
+
+    return max(map(share, subjects), default=0.0)
 
 
 def is_mix(s: SubjectReading, a: WorldDog, b: WorldDog) -> bool:
@@ -92,6 +103,7 @@ def judge(kind: str, concepts: Sequence[str], asked: str | None, reading: Readin
     if kind == "single":
         dog = truths[concepts[0]]
         out["identity"] = float(any(is_concept(s, dog) for s in subjects))
+        out["likeness"] = likeness(subjects, dog)
         if asked is not None and asked not in dog.backgrounds:
             out["background_unseen"] = out["background"]
             out["memorised"] = float(reading.background in dog.backgrounds)
@@ -101,6 +113,7 @@ def judge(kind: str, concepts: Sequence[str], asked: str | None, reading: Readin
         a, b = truths[concepts[0]], truths[concepts[1]]
         counts = [sum(is_concept(s, d) for s in subjects) for d in (a, b)]
         out["both"] = float(min(counts) >= 1)
+        out["likeness"] = (likeness(subjects, a) + likeness(subjects, b)) / 2
         out["leakage"] = float(any(is_mix(s, a, b) for s in subjects))
         out["duplicate"] = float(max(counts) >= 2)
         out["subjects_per_image"] = float(len(subjects))
