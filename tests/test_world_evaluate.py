@@ -78,7 +78,8 @@ def test_the_oracle_judges_every_sample_into_the_world_block(inputs, tmp_path: P
     cfg = EvalConfig(subject_finder="oracle", batch_size=8)
     result, tables, run = metrics.evaluate(samples, segmented, CONCEPTS, cfg, tmp_path / "bb", segment=PROVIDED)
     world = result["world"]
-    assert world["single"] == {"n_images": 2, "identity": 1.0, "identity_n": 2, "background": 0.5,
+    assert world["single"] == {"n_images": 2, "identity": 1.0, "identity_n": 2, "likeness": 1.0, "likeness_n": 2,
+                               "background": 0.5,
                                     "background_n": 2, "background_unseen": 1.0, "background_unseen_n": 1,
                                     "memorised": 0.0, "memorised_n": 1}
     assert (world["multi"]["both"], world["multi"]["leakage"], world["multi"]["duplicate"]) == (1.0, 0.0, 0.0)
