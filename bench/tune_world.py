@@ -28,7 +28,7 @@ from far.io import write_json
 
 OUT = Path("reports/bench/tune_world.json")
 SEEDS = list(range(100, 108))
-FIGURES = {"single": ("identity",), "multi": ("both", "leakage", "duplicate", "subjects_per_image")}
+FIGURES = {"single": ("identity", "likeness"), "multi": ("both", "likeness", "leakage", "duplicate")}
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -69,7 +69,8 @@ def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> d
     block, images, _ = verdict(read_samples(work / "samples", p.concepts), load_oracle(p.eval.oracle), truths,
                                open_rgb)
     images.to_csv(work / "world.csv", index=False)
-    figures = {f: block[kind][f] for kind, names in FIGURES.items() for f in names}
+    figures = {f if kind == "single" else f"two_dog_{f}": block[kind][f] for kind, names in FIGURES.items()
+               for f in names}
     counts = {kind: block[kind]["n_images"] for kind in FIGURES}
     return {"train": {"seed": train_seed, **overrides},
             "figures": figures, "n_images": counts, "train_seconds": round(t_train, 1),
