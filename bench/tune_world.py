@@ -39,11 +39,8 @@ def parse_setting(text: str) -> tuple[str, dict]:
 
 
 def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> dict:
-    from far.metrics import open_rgb, read_samples
     from far.sample import run_sample
     from far.train import train
-    from far.world.concepts import world_truths
-    from far.world.verdict import load_oracle, verdict
 
     p = load_params(params)
     values = p.train.model_dump() | {"seed": train_seed}
@@ -65,21 +62,31 @@ def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> d
     t_train = time.perf_counter() - t0
     run_sample(Path("models/base"), work / "far", work / "samples", sample_cfg, p.concepts,
                resolution=p.model.resolution)
+    return {"train": {"seed": train_seed, **overrides}, "train_seconds": round(t_train, 1)} | judge(params, work)
+
+
+def judge(params: Path, work: Path) -> dict:
+    """The world verdict of the tuning samples in `work/samples` (also written as `work/world.csv`)."""
+    from far.metrics import open_rgb, read_samples
+    from far.world.concepts import world_truths
+    from far.world.verdict import load_oracle, verdict
+
+    p = load_params(params)
     truths = world_truths(p.concepts.subjects, required=True)
     block, images, _ = verdict(read_samples(work / "samples", p.concepts), load_oracle(p.eval.oracle), truths,
                                open_rgb)
     images.to_csv(work / "world.csv", index=False)
     figures = {f if kind == "single" else f"two_dog_{f}": block[kind][f] for kind, names in FIGURES.items()
                for f in names}
-    counts = {kind: block[kind]["n_images"] for kind in FIGURES}
-    return {"train": {"seed": train_seed, **overrides},
-            "figures": figures, "n_images": counts, "train_seconds": round(t_train, 1),
+    return {"figures": figures, "n_images": {kind: block[kind]["n_images"] for kind in FIGURES},
             "per_concept_identity": {n: b["identity"] for n, b in block["per_concept"].items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setting", action="append", required=True, help="name:key=value,... over `train`")
+    ap.add_argument("--setting", action="append", default=[], help="name:key=value,... over `train`")
+    ap.add_argument("--rejudge", action="store_true",
+                    help="judge every finished setting's samples again (after a change of the verdict or oracle)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--train-seed", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
@@ -88,6 +95,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     done = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.rejudge:
+        for name, entry in done.items():
+            if (args.work / name / "samples").is_dir():
+                entry |= judge(Path(entry["key"]["params"]), args.work / name)
+                print(f"{name}: {entry['figures']}")
+        write_json(args.out, done)
     for text in args.setting:
         name, overrides = parse_setting(text)
         key = {"params": str(args.params), "train_seed": args.train_seed, "overrides": overrides, "seeds": SEEDS}
