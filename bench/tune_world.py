@@ -28,6 +28,7 @@ from far.io import write_json
 
 OUT = Path("reports/bench/tune_world.json")
 SEEDS = list(range(100, 108))
+DESCRIBED_SEEDS = list(range(100, 116))
 FIGURES = {"single": ("identity", "likeness"), "multi": ("both", "likeness", "leakage", "duplicate")}
 
 
@@ -82,11 +83,41 @@ def judge(params: Path, work: Path) -> dict:
             "per_concept_identity": {n: b["identity"] for n, b in block["per_concept"].items()}}
 
 
+def described(params: Path, seeds: list[int]) -> dict:
+    """The text path's ceiling: the base model asked for each concept in words ("a spotted red dog with blue
+    ears", from its world.json), judged like the personalized samples: what a token could at best stand for."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from far.world.captions import subject_phrase
+    from far.world.concepts import world_truths
+    from far.world.render import Subject
+    from far.world.verdict import is_concept, likeness, load_oracle
+
+    p = load_params(params)
+    oracle = load_oracle(p.eval.oracle)
+    pipe = StableDiffusionPipeline.from_pretrained("models/base", safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out = {}
+    for name, dog in world_truths(p.concepts.subjects, required=True).items():
+        prompt = subject_phrase(Subject(dog.cls, dog.body, dog.part, dog.pattern))
+        images = pipe([prompt] * len(seeds), num_inference_steps=p.sample.num_inference_steps,
+                      guidance_scale=p.sample.guidance_scale, height=p.model.resolution, width=p.model.resolution,
+                      generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        readings = oracle.read([np.asarray(im) for im in images])
+        out[name] = {"prompt": prompt, "images": len(seeds),
+                     "identity": float(np.mean([any(is_concept(s, dog) for s in r.subjects) for r in readings])),
+                     "likeness": float(np.mean([likeness(r.subjects, dog) for r in readings]))}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", action="append", default=[], help="name:key=value,... over `train`")
     ap.add_argument("--rejudge", action="store_true",
                     help="judge every finished setting's samples again (after a change of the verdict or oracle)")
+    ap.add_argument("--described", action="store_true",
+                    help="also the base model asked for each concept in words (seeds 100-115): the `described` entry")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--train-seed", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
@@ -97,10 +128,15 @@ def main() -> None:
     done = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if args.rejudge:
         for name, entry in done.items():
-            if (args.work / name / "samples").is_dir():
+            if name != "described" and (args.work / name / "samples").is_dir():
                 entry |= judge(Path(entry["key"]["params"]), args.work / name)
                 print(f"{name}: {entry['figures']}")
         write_json(args.out, done)
+    if args.described:
+        done["described"] = {"key": {"params": str(args.params), "seeds": DESCRIBED_SEEDS},
+                             "concepts": described(args.params, DESCRIBED_SEEDS)}
+        write_json(args.out, done)
+        print(f"described: {done['described']['concepts']}")
     for text in args.setting:
         name, overrides = parse_setting(text)
         key = {"params": str(args.params), "train_seed": args.train_seed, "overrides": overrides, "seeds": SEEDS}
