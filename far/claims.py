@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,13 +172,15 @@ def _row_text(r: dict[str, Any]) -> str:
             f"{r['outcome']}")
 
 
-def markdown(stats: dict[str, dict[str, Stat]], claims: dict[str, dict[str, Any]], missing: list[str]) -> str:
+def markdown(stats: dict[str, dict[str, Stat]], claims: dict[str, dict[str, Any]], missing: list[str],
+             source: str | None = None) -> str:
     variants = list(stats)
     keys = list(dict.fromkeys(k for s in stats.values() for k in s))
     lines = ["# Claims", "",
              "Written by `far claims` from `dvc exp show --json` (the experiments of `ablations.yaml`, one per",
-             "variant and training seed). Each cell: mean ± spread over training seeds, the spread being the",
-             "sample standard deviation (ddof=1) over seeds; then the seeds and the images per seed (`n`).",
+             "variant and training seed" + (f", derived from commit `{source}`" if source else "") + ").",
+             "Each cell: mean ± spread over training seeds, the spread being the sample standard deviation",
+             "(ddof=1) over seeds; then the seeds and the images per seed (`n`).",
              f"**Rule:** a difference counts only where |mean_a - mean_b| > {SEPARATION:g} x max(spread_a, spread_b);"
              " with one seed there is no spread and nothing counts.", "",
              "| figure | " + " | ".join(f"`{v}`" for v in variants) + " |", "|---|" + "---|" * len(variants)]
@@ -210,19 +213,29 @@ def numbers(stats: dict[str, dict[str, Stat]], claims: dict[str, dict[str, Any]]
     }
 
 
-def write_claims(runs: dict[str, dict[str, Any]], groups: dict[str, list[str]], out: Path) -> dict[str, Any]:
-    """Write `out` (claims.md) and claims.json beside it; returns the judged claims."""
+def write_claims(runs: dict[str, dict[str, Any]], groups: dict[str, list[str]], out: Path,
+                 source: str | None = None) -> dict[str, Any]:
+    """Write `out` (claims.md) and claims.json beside it; returns the judged claims. `source`: the commit."""
     stats = summarize(runs, groups)
     claims = judge(stats)
     missing = [n for names in groups.values() for n in names
                if n not in runs or runs[n]["state"] != "success" or not _world(runs[n]["metrics"])]
-    write_text(out, markdown(stats, claims, missing))
+    write_text(out, markdown(stats, claims, missing, source))
     write_text(out.with_suffix(".json"), json.dumps(numbers(stats, claims), indent=2) + "\n")
     return claims
 
 
-def run(repo: Path, grid: Path, params: Path, out: Path) -> dict[str, Any]:
-    """`far claims`: the grid's experiments from `dvc exp show --json` in `repo` -> `out` and claims.json."""
+def _commit(repo: Path, rev: str) -> str | None:
+    """`rev` as a short commit id (None outside a git repository)."""
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def run(repo: Path, grid: Path, params: Path, out: Path, rev: str = "HEAD") -> dict[str, Any]:
+    """`far claims`: the grid's experiments derived from commit `rev` (`dvc exp show --json --rev`) in `repo`
+    -> `out` and claims.json. Experiments belong to the commit they ran from: after a later commit, name it."""
     from pipelines.ablation import experiment_metrics, load_grid
     from pipelines.dvc_cli import run_quiet
 
@@ -233,8 +246,12 @@ def run(repo: Path, grid: Path, params: Path, out: Path) -> dict[str, Any]:
     from far.claims_grid import experiment_revs, write_grid
     from far.report import write_claims_page
 
-    show = json.loads(run_quiet(["exp", "show", "--json"], repo, "`dvc exp show`"))
-    claims = write_claims(experiment_metrics(show, {e.name for e in experiments}), groups, out)
+    show = json.loads(run_quiet(["exp", "show", "--json", "--rev", rev], repo, "`dvc exp show`"))
+    runs = experiment_metrics(show, {e.name for e in experiments})
+    if not runs:
+        print(f"far claims: no experiment of the grid derives from {rev}; `dvc exp list --all-commits` lists the "
+            "commits that have them: `far claims --rev <commit>`", file=sys.stderr)
+    claims = write_claims(runs, groups, out, source=_commit(repo, rev))
     write_grid(repo, experiment_revs(show), groups, out.with_suffix(""))
     write_claims_page(out, out.with_suffix(".html"))
     return claims

@@ -71,11 +71,12 @@ def claims(
     grid: Path = typer.Option(Path("ablations.yaml"), help="The ablation grid (variants x training seeds)."),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml the grid's variants override."),
     repo: Path = typer.Option(Path("."), help="DVC repository whose experiments to read (`dvc exp show`)."),
+    rev: str = typer.Option("HEAD", help="The commit the experiments derive from (`dvc exp list --all-commits`)."),
 ) -> None:
     """The paper's claims judged on the grid's DVC experiments: reports/claims.md, .json, .html (far/claims.py)."""
     from far.claims import run
 
-    verdicts = run(repo, grid, params, out)
+    verdicts = run(repo, grid, params, out, rev)
     print(f"claims: {out} [" + "; ".join(f"{cid} {c['verdict']}" for cid, c in verdicts.items()) + "]")
 
 
