@@ -4,8 +4,8 @@
         --setting kv5e-4_tok5e-3:learning_rate=5e-4,token_learning_rate=5e-3
 
 Each setting is `name:key=value,...` over the `train` section of --params (dotted keys: `refine.weight=0`;
-values parsed as YAML). For each one:
-`train` on the fusion set the pipeline already made (data/fusion/train.parquet, models/base), `sample`
+`fusion.<key>` sets the `fusion` section; values parsed as YAML). For each one: `train` on the fusion set the
+pipeline already made (data/fusion/train.parquet, models/base; with fusion keys, one composed for it), `sample`
 the tuning prompts (`sample.prompt_set: world-tune`: no background named, so none of them is an evaluation
 prompt) at seeds 100-107 (the evaluation uses 0-3), and the world verdict of the oracle. Training uses
 --train-seed (default 9; the grid's seeds are 3-5). Writes reports/bench/tune_world.json, one entry per
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def parse_setting(text: str) -> tuple[str, dict]:
     name, _, body = text.partition(":")
     if not name or not body:
         raise SystemExit(f"--setting {text!r}: expected name:key=value,...")
-    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in body.split(","))}
+    pairs = re.split(r",(?![^\[]*\])", body)  # commas inside [..] belong to a list value
+    return name, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}
 
 
 def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> dict:
@@ -44,21 +46,29 @@ def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> d
     from far.train import train
 
     p = load_params(params)
-    values = p.train.model_dump() | {"seed": train_seed}
-    for dotted, value in overrides.items():  # "refine.weight" reaches train.refine.weight
-        *parents, leaf = dotted.split(".")
-        node = values
+    sections = {"train": p.train.model_dump() | {"seed": train_seed}, "fusion": p.fusion.model_dump()}
+    for dotted, value in overrides.items():  # "refine.weight" is train.refine.weight; "fusion.num_multi" is fusion's
+        section, path = ("fusion", dotted[len("fusion."):]) if dotted.startswith("fusion.") else ("train", dotted)
+        *parents, leaf = path.split(".")
+        node = sections[section]
         for key in parents:
             node = node[key]
         if leaf not in node:
-            raise SystemExit(f"--setting: train has no key {dotted!r}")
+            raise SystemExit(f"--setting: {section} has no key {path!r}")
         node[leaf] = value
-    train_cfg = type(p.train).model_validate(values)
+    train_cfg = type(p.train).model_validate(sections["train"])
+    fusion_cfg = type(p.fusion).model_validate(sections["fusion"])
     sample_cfg = p.sample.model_copy(update={"prompt_set": "world-tune", "seeds": SEEDS})
     if work.exists():
         shutil.rmtree(work)
+    data = Path("data/fusion/train.parquet")
+    if fusion_cfg != p.fusion:  # the setting changes the training set: compose it (the pipeline's fuse inputs)
+        from far.fusion import fuse
+
+        fuse(Path("data/segmented"), Path("data/priors"), work / "fusion", p.concepts, fusion_cfg, p.model.resolution)
+        data = work / "fusion" / "train.parquet"
     t0 = time.perf_counter()
-    train(train_cfg, p.concepts, Path("models/base"), Path("data/fusion/train.parquet"), work / "far",
+    train(train_cfg, p.concepts, Path("models/base"), data, work / "far",
           work / "ckpt", work / "live", log=lambda s: None, resolution=p.model.resolution)
     t_train = time.perf_counter() - t0
     run_sample(Path("models/base"), work / "far", work / "samples", sample_cfg, p.concepts,

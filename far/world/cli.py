@@ -92,11 +92,21 @@ def oracle_cmd(
 
     from far.world.oracle_train import OracleTrainConfig, accuracy, render_set, round_trip, train_oracle
 
+    import json
+    import time
+
+    from far.io import write_text
+    from far.world.weights import run_record
+
     torch.set_num_threads(threads)
     cfg = OracleTrainConfig(steps=steps)
     vae = _load_vae(work)
+    t0 = time.perf_counter()
     oracle = train_oracle(cfg, vae)
     oracle.save(out, seed=cfg.seed, steps=cfg.steps, scenes=cfg.scenes)
+    command = f"far world oracle --work {work} --out {out} --steps {steps} --threads {threads}"
+    record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes)
+    write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2) + "\n")  # what export reads
     images, _, _, scenes = render_set(cfg.seed + 500, 500, cfg.resolution)
     print("held-out renders:", accuracy(oracle, scenes, images))
     print("held-out round trips:", accuracy(oracle, scenes, round_trip(vae, images)))
