@@ -88,14 +88,13 @@ def oracle_cmd(
     threads: int = typer.Option(1),
 ) -> None:
     """Train the oracle on renders and their VAE round trips; print its held-out accuracy."""
-    import torch
-
-    from far.world.oracle_train import OracleTrainConfig, accuracy, render_set, round_trip, train_oracle
-
     import json
     import time
 
+    import torch
+
     from far.io import write_text
+    from far.world.oracle_train import OracleTrainConfig, accuracy, render_set, round_trip, train_oracle
     from far.world.weights import run_record
 
     torch.set_num_threads(threads)
