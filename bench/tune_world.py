@@ -42,22 +42,21 @@ def parse_setting(text: str) -> tuple[str, dict]:
 
 
 def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> dict:
+    from far.config import Params
     from far.sample import run_sample
     from far.train import train
+    from pipelines.ablation import _set
 
     p = load_params(params)
-    sections = {"train": p.train.model_dump() | {"seed": train_seed}, "fusion": p.fusion.model_dump()}
+    raw = p.model_dump(mode="json")
+    raw["train"]["seed"] = train_seed
     for dotted, value in overrides.items():  # "refine.weight" is train.refine.weight; "fusion.num_multi" is fusion's
-        section, path = ("fusion", dotted[len("fusion."):]) if dotted.startswith("fusion.") else ("train", dotted)
-        *parents, leaf = path.split(".")
-        node = sections[section]
-        for key in parents:
-            node = node[key]
-        if leaf not in node:
-            raise SystemExit(f"--setting: {section} has no key {path!r}")
-        node[leaf] = value
-    train_cfg = type(p.train).model_validate(sections["train"])
-    fusion_cfg = type(p.fusion).model_validate(sections["fusion"])
+        _set(raw, dotted if dotted.startswith("fusion.") else f"train.{dotted}", value, "--setting")
+    try:
+        tuned = Params.model_validate(raw)
+    except ValueError as exc:  # pydantic's ValidationError names the unknown or invalid key
+        raise SystemExit(f"--setting {overrides}: {exc}") from None
+    train_cfg, fusion_cfg = tuned.train, tuned.fusion
     sample_cfg = p.sample.model_copy(update={"prompt_set": "world-tune", "seeds": SEEDS})
     if work.exists():
         shutil.rmtree(work)
@@ -97,8 +96,8 @@ def described(params: Path, seeds: list[int]) -> dict:
     """The text path's ceiling: the base model asked for each concept in words ("a spotted red dog with blue
     ears", from its world.json), judged like the personalized samples: what a token could at best stand for."""
     import numpy as np
-    from diffusers import StableDiffusionPipeline
 
+    from far.models import load_base_pipeline
     from far.world.captions import subject_phrase
     from far.world.concepts import world_truths
     from far.world.render import Subject
@@ -106,7 +105,7 @@ def described(params: Path, seeds: list[int]) -> dict:
 
     p = load_params(params)
     oracle = load_oracle(p.eval.oracle)
-    pipe = StableDiffusionPipeline.from_pretrained("models/base", safety_checker=None, requires_safety_checker=False)
+    pipe = load_base_pipeline("models/base")
     pipe.set_progress_bar_config(disable=True)
     out = {}
     for name, dog in world_truths(p.concepts.subjects, required=True).items():
