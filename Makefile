@@ -61,12 +61,13 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium not installed: the report's browser test will be skipped"
 
-# Two pytest-xdist workers, one per core (tests/conftest.py: one torch thread each; the tests of one module, of the
-# shared DVC reference run, or of the Prefect server stay on one worker). TEST_JOBS=0 runs everything in-process.
+# Two pytest-xdist workers, one per core (tests/conftest.py: one torch thread each; the tests of one file, of the
+# shared DVC reference run, or of the Prefect server stay on one worker, longest groups first, in the order
+# collected). TEST_JOBS=0 runs everything in-process.
 TEST_JOBS ?= 2
 test: $(VENV)/.installed weights browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadgroup)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --no-loadscope-reorder)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -52,7 +52,7 @@ def _digests(model_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def uninterrupted_run(tmp_path_factory) -> Path:
     """One uninterrupted run of TINY; returns its final model directory."""
     threads = torch.get_num_threads()
     try:
@@ -61,21 +61,21 @@ def reference(tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
 
 
-def test_two_runs_with_one_seed_give_identical_weights(reference, tmp_path):
+def test_two_runs_with_one_seed_give_identical_weights(uninterrupted_run, tmp_path):
     threads = torch.get_num_threads()
     try:
         again = pretrain(TINY, tmp_path, threads=1)
     finally:
         torch.set_num_threads(threads)
-    assert reference.name == again.name == "step-6"
-    digests = _digests(reference)
+    assert uninterrupted_run.name == again.name == "step-6"
+    digests = _digests(uninterrupted_run)
     assert {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
             "text_encoder/model.safetensors", "model_index.json"} <= set(digests)
     assert digests == _digests(again)
     # ... and training moved the weights: the UNet is not its initialisation.
     from diffusers import UNet2DConditionModel
 
-    trained = UNet2DConditionModel.from_pretrained(reference / "unet").state_dict()
+    trained = UNet2DConditionModel.from_pretrained(uninterrupted_run / "unet").state_dict()
     initial = build_unet(TINY.model, TINY.seed + 2).state_dict()
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
 
@@ -88,7 +88,7 @@ def _killed_run(work: Path, checkpoint: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
-def test_a_run_killed_after_each_checkpoint_resumes_to_the_same_weights(reference, tmp_path):
+def test_a_run_killed_after_each_checkpoint_resumes_to_the_same_weights(uninterrupted_run, tmp_path):
     _killed_run(tmp_path, "vae.ckpt")  # the first checkpoint: VAE step 3 of 4
     assert torch.load(tmp_path / "vae.ckpt", weights_only=True)["step"] == 3
     assert not (tmp_path / "vae").exists() and not (tmp_path / "unet.ckpt").exists()
@@ -100,9 +100,9 @@ def test_a_run_killed_after_each_checkpoint_resumes_to_the_same_weights(referenc
         resumed = pretrain(TINY, tmp_path, threads=1)
     finally:
         torch.set_num_threads(threads)
-    assert _digests(resumed) == _digests(reference)
+    assert _digests(resumed) == _digests(uninterrupted_run)
 
 
-def test_a_work_folder_refuses_another_config(reference):
+def test_a_work_folder_refuses_another_config(uninterrupted_run):
     with pytest.raises(ValueError, match="holds a run with another config"):
-        pretrain(PretrainConfig(**TINY.__dict__ | {"steps": 7}), reference.parents[1], threads=1)
+        pretrain(PretrainConfig(**TINY.__dict__ | {"steps": 7}), uninterrupted_run.parents[1], threads=1)
