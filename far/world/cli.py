@@ -116,19 +116,33 @@ def clip_cmd(
     work: Path = typer.Option(Path(".world/pretrain"), help="pretrain work folder (its trained VAE is used)"),
     out: Path = typer.Option(Path(".world/clip.pt"), help="CLIP checkpoint to write"),
     steps: int = typer.Option(600),
+    hard_negatives: bool = typer.Option(True, help="class- and body-swapped captions as negatives"),
     threads: int = typer.Option(1),
 ) -> None:
-    """Train the world CLIP contrastively on scenes and captions; print its held-out zero-shot accuracy."""
+    """Train the world CLIP contrastively on scenes and captions; print (and record) its held-out zero-shot
+    accuracy; `<out>.json` is the provenance record `far world export` reads."""
+    import json
+    import time
+
     import numpy as np
     import torch
 
+    from far.io import write_text
     from far.world.clip import ClipTrainConfig, save_clip, train_clip, zero_shot
     from far.world.render import render, sample_scene
+    from far.world.weights import run_record
 
     torch.set_num_threads(threads)
-    cfg = ClipTrainConfig(steps=steps)
+    cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives)
+    t0 = time.perf_counter()
     model = train_clip(cfg, _load_vae(work))
     save_clip(model, out)
     rng = np.random.default_rng(cfg.seed + 500)
     scenes = [sample_scene(rng, 1) for _ in range(500)]
-    print("held-out zero-shot:", zero_shot(model, scenes, np.stack([render(s, cfg.resolution)[0] for s in scenes])))
+    held_out = zero_shot(model, scenes, np.stack([render(s, cfg.resolution)[0] for s in scenes]))
+    flag = "--hard-negatives" if hard_negatives else "--no-hard-negatives"
+    command = f"far world clip --work {work} --out {out} --steps {steps} {flag} --threads {threads}"
+    record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes,
+                        held_out_zero_shot=held_out)
+    write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2) + "\n")
+    print("held-out zero-shot:", held_out)

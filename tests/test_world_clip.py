@@ -1,0 +1,70 @@
+"""The world CLIP's training parts: hard-negative captions and the contrastive loss that uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from far.world.captions import CaptionDropout, caption
+from far.world.clip import captions_with_negatives, contrastive_loss, swapped
+from far.world.render import sample_scene
+
+
+@pytest.mark.parametrize("field", ["cls", "body"])
+def test_a_swap_changes_one_field_of_one_subject_and_nothing_else(field):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        other = swapped(scene, rng, field)
+        diffs = [(a, b) for a, b in zip(scene.subjects, other.subjects, strict=True) if a != b]
+        assert len(diffs) == 1
+        a, b = diffs[0]
+        assert getattr(a, field) != getattr(b, field)
+        keep = [k for k in ("cls", "body", "part", "pattern", "cx", "cy", "size", "flip") if k != field]
+        assert all(getattr(a, k) == getattr(b, k) for k in keep)
+        assert b.body != b.part and (scene.background, scene.texture_seed) == (other.background, other.texture_seed)
+
+
+def test_negatives_are_drawn_with_the_captions_own_dropout():
+    rng = np.random.default_rng(1)
+    scenes = [sample_scene(rng) for _ in range(40)]
+    # Nothing dropped: the class-swapped negative differs from the full caption in one class word (and the
+    # part's name when the class has another), the body-swapped one in one colour word.
+    texts, negatives = captions_with_negatives(scenes, CaptionDropout(0, 0, 0, 0), np.random.default_rng(2), True)
+    assert texts == [caption(s) for s in scenes]
+    assert len(negatives) == 2 * len(scenes)
+    for text, cls_neg, body_neg in zip(texts, negatives[0::2], negatives[1::2], strict=True):
+        assert cls_neg != text
+        words, body_words = text.split(), body_neg.split()  # "a red" may become "an orange"
+        changed = [(a, b) for a, b in zip(words, body_words, strict=True) if a != b and {a, b} != {"a", "an"}]
+        assert len(words) == len(body_words) and len(changed) == 1
+    # Everything droppable dropped: the body swap says nothing new, the class swap still does.
+    texts, negatives = captions_with_negatives(scenes, CaptionDropout(1, 1, 1, 1), np.random.default_rng(2), True)
+    assert negatives[1::2] == texts
+    assert all(n != t for n, t in zip(negatives[0::2], texts, strict=True))
+    assert captions_with_negatives(scenes, CaptionDropout(), np.random.default_rng(2), False)[1] == []
+
+
+def test_hard_negatives_penalise_an_embedding_that_cannot_tell_the_swap():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(4, 8), dim=-1)
+    texts = ["a red dog", "a blue cat", "a dog", "a cup"]
+    scale = torch.tensor(20.0)
+    without = contrastive_loss(img, img.clone(), img[:0], texts, [], scale)
+    # A negative that embeds exactly like its caption halves the matching image's probability: ln 2 more on
+    # one of the 4 image rows, in the half of the loss that reads images against captions...
+    blind = contrastive_loss(img, img.clone(), img[:1].clone(), texts, ["a red cat"], scale)
+    assert blind - without == pytest.approx(np.log(2) / 8, abs=2e-3)
+    # ...a negative far from every image costs (almost) nothing...
+    far_away = contrastive_loss(img, img.clone(), -img[:1].clone(), texts, ["a red cat"], scale)
+    assert far_away == pytest.approx(without.item(), abs=1e-3)
+    # ...and a "negative" identical to an image's caption (so embedded identically) is a positive for that image:
+    # nothing pushes its embedding away from the image, while a true negative in its place is pushed.
+    def push_on_negative(negative: str) -> float:
+        neg = img[:1].clone().requires_grad_(True)
+        contrastive_loss(img, img.clone(), neg, texts, [negative], scale).backward()
+        return neg.grad.norm().item()
+
+    assert push_on_negative("a red dog") < 1e-3 < 1.0 < push_on_negative("a red cat")
