@@ -210,7 +210,9 @@ def train_unet(cfg: PretrainConfig, work: Path, vae, latents: torch.Tensor, scen
         return final
     tokenizer = build_clip_tokenizer()
     text_encoder = build_text_encoder(cfg.model, cfg.seed + 1)
-    unet = build_unet(cfg.model, cfg.seed + 2).to(memory_format=torch.channels_last)
+    # Plain contiguous tensors: channels_last, CPU bf16 autocast and torch.compile were each slower or no faster
+    # here (bench/pretrain_step.py, README "Pretraining").
+    unet = build_unet(cfg.model, cfg.seed + 2)
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema = Ema(params, cfg.ema_decay)
@@ -239,7 +241,7 @@ def train_unet(cfg: PretrainConfig, work: Path, vae, latents: torch.Tensor, scen
         x0 = latents[torch.from_numpy(idx)]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = scheduler.add_noise(x0, noise, t).contiguous(memory_format=torch.channels_last)
+        noisy = scheduler.add_noise(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
