@@ -2,6 +2,7 @@
 
     python bench/world.py                                  # the shipped weights (far/world/weights)
     python bench/world.py --curve .world/pretrain/snapshots  # plus agreement against pretraining steps
+    python bench/world.py --only clip                      # re-measure one part, keep the others' figures
 
 Writes reports/bench/world.json. Held-out scenes use seeds that no training set used (base pool: 0,
 oracle: 1000, CLIP: 2000; here 5000+). Agreement: --prompts full captions of held-out scenes (half one
@@ -28,6 +29,7 @@ from far.world.quality import base_model_agreement
 from far.world.render import render, sample_scene
 
 WEIGHTS = Path("far/world/weights")
+PARTS = ("oracle", "clip", "base", "curve")
 
 
 def load_pipe(path: Path):  # noqa: ANN201
@@ -48,20 +50,29 @@ def main() -> None:
     ap.add_argument("--curve-prompts", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("reports/bench/world.json"))
+    ap.add_argument("--only", choices=PARTS, action="append",
+                    help="measure only these parts (repeatable); the others' figures are kept from --out")
     args = ap.parse_args()
+    parts = set(args.only or PARTS) - (set() if args.curve is not None else {"curve"})
     torch.set_num_threads(args.threads)
     oracle = Oracle.load(args.oracle)
     pipe = load_pipe(args.base)
-    result: dict = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, "
-                               f"{'cuda' if torch.cuda.is_available() else 'cpu'}"}
+    result: dict = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    machine = (f"{platform.processor() or platform.machine()}, {args.threads} threads, "
+               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
+    result.setdefault("measured", {}).update({part: {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                               time.gmtime())}
+                                              for part in parts})
+    result["weights"] = {"base": str(args.base), "oracle": str(args.oracle), "clip": str(args.clip)}
 
-    images, _, _, scenes = render_set(5000, 1000, oracle.resolution)
-    t0 = time.perf_counter()
-    result["oracle_renders"] = accuracy(oracle, scenes, images)
-    result["oracle_round_trips"] = accuracy(oracle, scenes, round_trip(pipe.vae, images))
-    result["oracle_seconds_per_image"] = (time.perf_counter() - t0) / (2 * len(images))
+    if "oracle" in parts:
+        images, _, _, scenes = render_set(5000, 1000, oracle.resolution)
+        t0 = time.perf_counter()
+        result["oracle_renders"] = accuracy(oracle, scenes, images)
+        result["oracle_round_trips"] = accuracy(oracle, scenes, round_trip(pipe.vae, images))
+        result["oracle_seconds_per_image"] = (time.perf_counter() - t0) / (2 * len(images))
 
-    if args.clip.is_file():
+    if "clip" in parts and args.clip.is_file():
         import clip
 
         model, _ = clip.load(str(args.clip), device="cpu", jit=False)
@@ -70,9 +81,10 @@ def main() -> None:
         result["clip_zero_shot"] = zero_shot(model.float().eval(), singles,
                                              np.stack([render(s, oracle.resolution)[0] for s in singles]))
 
-    result["base_model"] = base_model_agreement(pipe, oracle, args.prompts, seed=5002, steps=args.steps)
-    print(json.dumps(result["base_model"], indent=1), flush=True)
-    if args.curve is not None:
+    if "base" in parts:
+        result["base_model"] = base_model_agreement(pipe, oracle, args.prompts, seed=5002, steps=args.steps)
+        print(json.dumps(result["base_model"], indent=1), flush=True)
+    if "curve" in parts:
         curve = []
         snaps = sorted(args.curve.glob("step-*"), key=lambda p: int(re.sub(r"\D", "", p.name)))
         for snap in snaps:
