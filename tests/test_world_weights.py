@@ -124,6 +124,11 @@ def test_world_base_model_installs_in_fp32_with_its_provenance(weights, made, tm
     unet = _tensors(out / "unet" / "diffusion_pytorch_model.safetensors")
     shipped = _tensors(weights / UNET)
     assert all(t.dtype == torch.float32 and torch.equal(t, shipped[k].float()) for k, t in unet.items())
+    # No file records where this copy of the weights lives (diffusers writes the folder it loaded from):
+    # models/base must be the same bytes in every clone.
+    configs = [f for f in out.rglob("*.json") if f.name != SOURCE_FILE]
+    where = (str(weights), str(weights.resolve()))
+    assert configs and not [f for f in configs if any(w in f.read_text() for w in where)]
     pipe = load_base_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red dog on the grass", num_inference_steps=1, height=64, width=64, output_type="np",

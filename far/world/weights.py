@@ -198,6 +198,15 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _portable(path: Path) -> str:
+    """`path` relative to the folder holding the `far` package (far/world/weights/...), else its name alone."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
 def load_manifest() -> dict[str, Any]:
     path = paths.WEIGHTS / paths.MANIFEST.name
     try:
@@ -273,6 +282,12 @@ def install_base(dest: Path, resolution: int) -> dict[str, Any]:
         )
     for name in COMPONENTS:
         getattr(pipe, name).float()  # every stage loads models/base in fp32
+    # diffusers records the absolute folder it loaded from, which differs per clone: models/base (a DVC output
+    # every later stage depends on) must be the same bytes wherever the repository lives.
+    shown = _portable(paths.WEIGHTS / paths.BASE.name)
+    pipe.register_to_config(_name_or_path=shown)
+    for name in ("unet", "vae"):
+        getattr(pipe, name).register_to_config(_name_or_path=f"{shown}/{name}")
     pipe.save_pretrained(dest, safe_serialization=True)
     return {
         "source": "world", "weights": _shown(paths.WEIGHTS),
