@@ -1,12 +1,12 @@
 """The world pretraining's UNet step under each speed option, side by side; writes reports/bench/pretrain_step.json.
 
 One process, one thread (the pretraining runs on one), the world model's shipped architecture
-(far/world/model.py) at its batch size: a step is what `far/world/pretrain.py`'s loop does (text encoder +
-UNet forward, min-SNR-weighted MSE, backward, clipping, AdamW). Variants, each with its own copy of the same
+(far/world/model.py) at its batch size: a step is what `far/world/pretrain.py`'s loop does (its
+`denoising_loss`, backward, clipping, AdamW). Variants, each with its own copy of the same
 initial weights, fed the same batches:
 
-    eager          contiguous tensors
-    channels_last  UNet and its input in channels_last (what pretraining uses)
+    eager          contiguous tensors (what pretraining uses)
+    channels_last  UNet and its input in channels_last (what pretraining used until this bench)
     bf16           channels_last + CPU bf16 autocast
     compile        channels_last + torch.compile (inductor) of UNet and text encoder
 
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +44,7 @@ def main(rounds: int = typer.Option(5), steps_per_round: int = typer.Option(4), 
     from far.io import write_json
     from far.tokenizer import MODEL_MAX_LENGTH, build_clip_tokenizer
     from far.world.model import build_scheduler, build_text_encoder, build_unet, vae_factor
-    from far.world.pretrain import PretrainConfig, min_snr_weights
+    from far.world.pretrain import PretrainConfig, denoising_loss
 
     torch.set_num_threads(threads)
     cfg = PretrainConfig()
@@ -82,9 +81,7 @@ def main(rounds: int = typer.Option(5), steps_per_round: int = typer.Option(4), 
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
         t0 = time.perf_counter()
         with amp:
-            pred = r["unet"](noisy, t, r["te"](ids)[0]).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma)).mean()
+            loss = denoising_loss(r["unet"], r["te"], scheduler, noisy, noise, t, ids, cfg.min_snr_gamma)
         r["opt"].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(r["params"], 1.0)

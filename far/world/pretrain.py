@@ -172,6 +172,15 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
+def denoising_loss(unet, text_encoder, scheduler, noisy: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   ids: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+    """The pretraining objective of one batch: noisy latents and their noise (B, C, h, w), timesteps t (B,),
+    caption token ids (B, 77) -> the min-SNR-weighted epsilon MSE (a scalar)."""
+    pred = unet(noisy, t, text_encoder(ids)[0]).sample
+    per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(scheduler, t, min_snr_gamma)).mean()
+
+
 class Ema:
     """Exponential moving average of a list of parameters."""
 
@@ -244,9 +253,7 @@ def train_unet(cfg: PretrainConfig, work: Path, vae, latents: torch.Tensor, scen
         noisy = scheduler.add_noise(x0, noise, t)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, t, cfg.min_snr_gamma)).mean()
+        loss = denoising_loss(unet, text_encoder, scheduler, noisy, noise, t, ids, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
