@@ -88,14 +88,12 @@ def oracle_cmd(
     threads: int = typer.Option(1),
 ) -> None:
     """Train the oracle on renders and their VAE round trips; print its held-out accuracy."""
-    import json
     import time
 
     import torch
 
-    from far.io import write_text
     from far.world.oracle_train import OracleTrainConfig, accuracy, render_set, round_trip, train_oracle
-    from far.world.weights import run_record
+    from far.world.weights import run_record, write_record
 
     torch.set_num_threads(threads)
     cfg = OracleTrainConfig(steps=steps)
@@ -105,7 +103,7 @@ def oracle_cmd(
     oracle.save(out, seed=cfg.seed, steps=cfg.steps, scenes=cfg.scenes)
     command = f"far world oracle --work {work} --out {out} --steps {steps} --threads {threads}"
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes)
-    write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2) + "\n")  # what export reads
+    write_record(out, record)  # what export reads
     images, _, _, scenes = render_set(cfg.seed + 500, 500, cfg.resolution)
     print("held-out renders:", accuracy(oracle, scenes, images))
     print("held-out round trips:", accuracy(oracle, scenes, round_trip(vae, images)))
@@ -121,16 +119,14 @@ def clip_cmd(
 ) -> None:
     """Train the world CLIP contrastively on scenes and captions; print (and record) its held-out zero-shot
     accuracy; `<out>.json` is the provenance record `far world export` reads."""
-    import json
     import time
 
     import numpy as np
     import torch
 
-    from far.io import write_text
     from far.world.clip import ClipTrainConfig, save_clip, train_clip, zero_shot
     from far.world.render import render, sample_scene
-    from far.world.weights import run_record
+    from far.world.weights import run_record, write_record
 
     torch.set_num_threads(threads)
     cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives)
@@ -144,5 +140,5 @@ def clip_cmd(
     command = f"far world clip --work {work} --out {out} --steps {steps} {flag} --threads {threads}"
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes,
                         held_out_zero_shot=held_out)
-    write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2) + "\n")
+    write_record(out, record)
     print("held-out zero-shot:", held_out)

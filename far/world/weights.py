@@ -70,6 +70,15 @@ def run_record(command: str, seed: int, steps: int, wall_time_s: float, **extra:
             "machine": machine(), "date": _now(), **extra}
 
 
+def record_path(weights_file: Path) -> Path:
+    """Where a training command writes its provenance record, and export looks for it: `<weights>.json`."""
+    return weights_file.with_name(weights_file.name + ".json")
+
+
+def write_record(weights_file: Path, record: dict[str, Any]) -> None:
+    write_json(record_path(weights_file), record)
+
+
 def _read_record(path: Path, what: str) -> dict[str, Any]:
     try:
         record = json.loads(Path(path).read_text())
@@ -94,8 +103,7 @@ def _provenance(snapshot: Path, oracle: Path, clip_ckpt: Path, records: dict[str
     with safe_open(str(oracle), framework="pt") as f:
         meta = f.metadata() or {}
     own["oracle"] = {k: int(meta[k]) for k in ("seed", "steps") if k in meta}
-    defaults = {"base": None, "oracle": oracle.with_name(oracle.name + ".json"),
-                "clip": clip_ckpt.with_name(clip_ckpt.name + ".json")}
+    defaults = {"base": None, "oracle": record_path(oracle), "clip": record_path(clip_ckpt)}
     out = {}
     for name, base in own.items():
         path = records.get(name) or defaults[name]
@@ -286,8 +294,9 @@ def install_base(dest: Path, resolution: int) -> dict[str, Any]:
     # every later stage depends on) must be the same bytes wherever the repository lives.
     shown = _portable(paths.WEIGHTS / paths.BASE.name)
     pipe.register_to_config(_name_or_path=shown)
-    for name in ("unet", "vae"):
-        getattr(pipe, name).register_to_config(_name_or_path=f"{shown}/{name}")
+    for name, component in pipe.components.items():  # the diffusers models; transformers does not save it
+        if "_name_or_path" in getattr(component, "config", {}) and hasattr(component, "register_to_config"):
+            component.register_to_config(_name_or_path=f"{shown}/{name}")
     pipe.save_pretrained(dest, safe_serialization=True)
     return {
         "source": "world", "weights": _shown(paths.WEIGHTS),
