@@ -60,10 +60,10 @@ def main() -> None:
     result: dict = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     machine = (f"{platform.processor() or platform.machine()}, {args.threads} threads, "
                f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
-    result.setdefault("measured", {}).update({part: {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                               time.gmtime())}
-                                              for part in parts})
-    result["weights"] = {"base": str(args.base), "oracle": str(args.oracle), "clip": str(args.clip)}
+    # Parts kept from an earlier run may have read other weights: each part records its own.
+    measured = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "weights": {"base": str(args.base), "oracle": str(args.oracle), "clip": str(args.clip)}}
+    result.setdefault("measured", {}).update({part: measured for part in parts})
 
     if "oracle" in parts:
         images, _, _, scenes = render_set(5000, 1000, oracle.resolution)

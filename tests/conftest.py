@@ -34,9 +34,12 @@ FIRST_GROUPS = ("reference", "prefect_server", "tests/test_segment.py", "tests/t
 _GROUP_OF_FILE = {f: g for g, files in SESSION_FIXTURE_GROUPS.items() for f in files}
 
 
+def file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def group_of(nodeid: str) -> str:
-    path = nodeid.split("::", 1)[0]
-    return _GROUP_OF_FILE.get(path, path)
+    return _GROUP_OF_FILE.get(file_of(nodeid), file_of(nodeid))
 
 
 def pytest_xdist_make_scheduler(config, log):  # noqa: ANN001, ANN201 - xdist's hook
@@ -54,7 +57,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Refuse a test that uses a shared session fixture outside its group's files (it would build the fixture
     again on another worker), and put the FIRST_GROUPS first."""
     for item in items:
-        path = item.nodeid.split("::", 1)[0]
+        path = file_of(item.nodeid)
         for fixture, files in SESSION_FIXTURE_GROUPS.items():
             if fixture in getattr(item, "fixturenames", ()) and path not in files:
                 raise pytest.UsageError(f"{item.nodeid} uses the session fixture {fixture!r}: add {path} to "
