@@ -45,13 +45,13 @@ def run_setting(params: Path, overrides: dict, train_seed: int, work: Path) -> d
     from far.config import Params
     from far.sample import run_sample
     from far.train import train
-    from pipelines.ablation import _set
+    from pipelines.ablation import set_param
 
     p = load_params(params)
     raw = p.model_dump(mode="json")
     raw["train"]["seed"] = train_seed
     for dotted, value in overrides.items():  # "refine.weight" is train.refine.weight; "fusion.num_multi" is fusion's
-        _set(raw, dotted if dotted.startswith("fusion.") else f"train.{dotted}", value, "--setting")
+        set_param(raw, dotted if dotted.startswith("fusion.") else f"train.{dotted}", value, "--setting")
     try:
         tuned = Params.model_validate(raw)
     except ValueError as exc:  # pydantic's ValidationError names the unknown or invalid key

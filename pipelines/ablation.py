@@ -51,7 +51,9 @@ class Variant:
         return ", ".join(f"{k}={json.dumps(v)}" for k, v in self.overrides.items()) or "(params.yaml as is)"
 
 
-def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+def set_param(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set the dotted params.yaml `key` (list items by index: `concepts.0.token`) of parsed `data` in place;
+    a key that is not there is an InvalidInputError naming `where` it came from."""
     node: Any = data
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -114,7 +116,7 @@ def load_grid(path: Path, params: Path) -> list[Variant]:
             if i == 0:  # the seeds differ in train.seed only (checked above): one validation per variant
                 data = copy.deepcopy(base)
                 for key, value in run.items():
-                    _set(data, key, value, where)
+                    set_param(data, key, value, where)
                 _validate(data, params.parent, where)
             label = name if seed is None else f"{name}-s{seed}"
             grid.append(Variant(label, run, variant=name, seed=seed))
@@ -191,7 +193,7 @@ def expected_params(base: dict[str, Any], variant: Variant) -> dict[str, Any]:
     """The flat params.yaml an experiment of `variant` runs with: `base` (params.yaml) plus its overrides."""
     data = copy.deepcopy(base)
     for key, value in variant.overrides.items():
-        _set(data, key, value, f"variant {variant.name!r}")
+        set_param(data, key, value, f"variant {variant.name!r}")
     return flatten(data)
 
 
