@@ -1,16 +1,20 @@
 """The oracle: reads a world image's truth back from its pixels alone.
 
 It never sees attention maps, prompts or anything from training; it sees an RGB image. Two small networks:
-1. `PixelNet` labels every pixel as subject or background, with the body colour of the subject it belongs
-   to, and the whole image with its background; subjects are the connected regions of one body colour.
+1. `PixelNet` labels every pixel as subject or background (and with its owner's body colour, a help to
+   learning), the whole image with its background, and finds instances the way Panoptic-DeepLab does: a
+   heatmap of subject centres, and per subject pixel the offset to its own subject's centre. A subject is
+   the foreground pixels that point to one centre, so a subject whose colours smear apart is still one
+   subject, and two touching subjects of one colour are two.
 2. `SubjectNet` reads each subject from a square crop around it plus its mask: class (a question of shape,
    which needs the whole silhouette), body colour, part colour and pattern.
-(A single per-pixel network, tried first, read colours but not classes: 28 % class accuracy, chance.)
+(A single per-pixel network, tried first, read colours but not classes: 28 % class accuracy, chance. The
+previous stage 1 took the connected regions of one body colour as subjects: wrong counts, mostly too many
+subjects from fragments, were most of its errors.)
 Trained on rendered scenes and on their round trips through the world's VAE (what generated images look
 like), see far/world/oracle_train.py.
 
-Two subjects of the same class and body colour that touch read as one subject (the renderer keeps subjects
-mostly apart, see far/world/render.py); the oracle's measured accuracy is in reports/bench/world.json.
+The oracle's measured accuracy is in reports/bench/world.json.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from torch import nn
 
 from far.world.vocab import BACKGROUNDS, CLASSES, COLOUR_NAMES, PATTERNS
 
-PIXEL_HEADS = {"fg": 2, "body": len(COLOUR_NAMES)}  # per pixel: subject or background; the owner's body colour
+# Per pixel: subject or background; the owner's body colour; centre heatmap logit; offset (dy, dx) to the owner's
+# centre, as a fraction of the image side.
+PIXEL_HEADS = {"fg": 2, "body": len(COLOUR_NAMES), "centre": 1, "offset": 2}
+FORMAT = "instances-1"  # written into the weights' header; a file without it is the older, region-based stage 1
+CENTRE_THRESHOLD = 0.3  # a centre is a local maximum of the heatmap's probability above this
+CENTRE_WINDOW = 0.14  # local maxima are taken over a window this fraction of the image side (9 px at 64 px)
+MAX_POINTING_ERROR = 0.1  # a pixel whose offset lands farther than this (image fraction) from every centre is noise
 SUBJECT_HEADS = {"cls": len(CLASSES), "body": len(COLOUR_NAMES), "part": len(COLOUR_NAMES), "pattern": len(PATTERNS)}
 MIN_AREA = 0.012  # a subject covers at least this fraction of the image (~49 px at 64 px)
 CROP = 32  # px side of the square crop (grown 15 % around the subject) the subject head reads
@@ -41,7 +51,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class PixelNet(nn.Module):
     """Stage 1, a 3-level U-Net on a stride-2 stem: (B, 3, H, W) in [-1, 1] -> per-pixel logits per PIXEL_HEADS
     (B, C, H, W), predicted at H/2 and upsampled bilinearly, and (B, 5) background logits. Only local
-    questions (is this pixel a subject, of which body colour): shape and parts are stage 2's."""
+    questions (is this pixel a subject, which one): shape and parts are stage 2's."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -50,6 +60,9 @@ class PixelNet(nn.Module):
         self.enc1, self.enc2, self.enc3 = _block(w, w), _block(w, 2 * w), _block(2 * w, 4 * w)
         self.dec2, self.dec1 = _block(6 * w, 2 * w), _block(3 * w, w)
         self.pixel = nn.Conv2d(w, sum(PIXEL_HEADS.values()), 1)
+        with torch.no_grad():  # centres start rare (p = 0.01, CenterNet's prior): else the focal negatives swamp it
+            heads = list(PIXEL_HEADS)
+            self.pixel.bias[sum(PIXEL_HEADS[h] for h in heads[: heads.index("centre")])] = -4.6
         self.background = nn.Linear(4 * w, len(BACKGROUNDS))
 
     def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -142,20 +155,35 @@ def to_input(images: np.ndarray, resolution: int) -> torch.Tensor:
     return x
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    import cv2
+def centres(centre_logit: torch.Tensor, threshold: float = CENTRE_THRESHOLD) -> list[np.ndarray]:
+    """Subject centres from heatmap logits (B, 1, H, W): per image a (K, 2) array of (y, x) pixel positions,
+    the local maxima of the probability over a CENTRE_WINDOW window that exceed `threshold`."""
+    prob = torch.sigmoid(centre_logit)
+    k = int(round(CENTRE_WINDOW * prob.shape[-1])) // 2 * 2 + 1  # odd window
+    peak = (prob == F.max_pool2d(prob, k, stride=1, padding=k // 2)) & (prob > threshold)
+    return [np.argwhere(p[0].numpy()).astype(np.float32) for p in peak]
 
-    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
-    return [labels == i for i in range(1, n)]
 
-
-def regions(fg: np.ndarray, body: np.ndarray, min_area: float = MIN_AREA) -> list[np.ndarray]:
-    """Subjects' pixels from stage 1's maps, fg (H, W) bool and body colour (H, W) int: the connected regions
-    of one body colour inside the foreground, at least `min_area` of the image (smaller ones are noise)."""
+def instances(fg: np.ndarray, offset: np.ndarray, centre_yx: np.ndarray,
+              min_area: float = MIN_AREA) -> list[np.ndarray]:
+    """Subjects' pixels: fg (H, W) bool, offset (2, H, W) (dy, dx) as image fractions, centre_yx (K, 2) pixels ->
+    one (H, W) bool mask per centre that gathers at least `min_area` of the image: each foreground pixel
+    goes to the centre nearest to where its offset points, unless that is over MAX_POINTING_ERROR away."""
     h, w = fg.shape
+    if not len(centre_yx) or not fg.any():
+        return []
+    ys, xs = np.nonzero(fg)
+    pointed = np.stack([ys + offset[0, ys, xs] * h, xs + offset[1, ys, xs] * w], 1)  # (P, 2)
+    dist = np.linalg.norm(pointed[:, None, :] - centre_yx[None, :, :], axis=2)  # (P, K)
+    owner = dist.argmin(1)
+    near = dist[np.arange(len(owner)), owner] <= MAX_POINTING_ERROR * max(h, w)
     found = []
-    for b in np.unique(body[fg]):
-        found += [r for r in _components(fg & (body == b)) if r.sum() >= min_area * h * w]
+    for k in range(len(centre_yx)):
+        mask = np.zeros((h, w), dtype=bool)
+        pick = near & (owner == k)
+        mask[ys[pick], xs[pick]] = True
+        if mask.sum() >= min_area * h * w:
+            found.append(mask)
     return found
 
 
@@ -172,11 +200,16 @@ class Oracle:
     def load(path: Path | str) -> Oracle:
         from safetensors.torch import load_file
 
+        from far.errors import InvalidInputError
         from far.io import file_sha256
 
         path = Path(path)
         state = {k: v.float() for k, v in load_file(path).items()}
         meta = _metadata(path)
+        if meta.get("format") != FORMAT:
+            found = meta.get("format", "none (an older oracle, which grouped subjects by colour)")
+            raise InvalidInputError(f"{path}: oracle weights of format {found}, this far reads {FORMAT}; "
+                                    "remake them with `far world oracle`")
         pixel, subject = PixelNet(int(meta["width"])), SubjectNet(int(meta["subject_width"]))
         pixel.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("pixel.")})
         subject.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("subject.")})
@@ -191,7 +224,7 @@ class Oracle:
         tensors = {f"pixel.{k}": v for k, v in self.pixel.state_dict().items()}
         tensors |= {f"subject.{k}": v for k, v in self.subject.state_dict().items()}
         widths = {"width": self.pixel.stem.out_channels, "subject_width": self.subject.features[0][0].out_channels}
-        meta = {k: str(v) for k, v in (widths | {"resolution": self.resolution} | metadata).items()}
+        meta = {k: str(v) for k, v in (widths | {"resolution": self.resolution, "format": FORMAT} | metadata).items()}
         with atomic_file(path) as tmp:
             save_file({k: v.detach().half().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
@@ -205,8 +238,8 @@ class Oracle:
             x = to_input(chunk, self.resolution)
             pixel, bg = self.pixel(x)
             fg = pixel["fg"].argmax(1).numpy().astype(bool)
-            body = pixel["body"].argmax(1).numpy()
-            found = [regions(fg[j], body[j]) for j in range(len(chunk))]
+            offset = pixel["offset"].numpy()
+            found = [instances(fg[j], offset[j], c) for j, c in enumerate(centres(pixel["centre"]))]
             index = np.array([j for j, rs in enumerate(found) for _ in rs], dtype=np.int64)
             masks = np.array([r for rs in found for r in rs]).reshape(-1, *fg.shape[1:])
             probs = {k: v.softmax(1).numpy() for k, v in self.subject(subject_crops(x, index, masks)).items()} \

@@ -22,6 +22,7 @@ from far.world.render import Scene, render, sample_scene
 from far.world.vocab import BACKGROUNDS, CLASSES, COLOUR_NAMES, PATTERNS
 
 IGNORE = -100
+OFFSET_WEIGHT = 20.0  # offsets are image fractions (~0.1): an L1 of 0.01 (0.6 px) then costs 0.2
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,38 @@ def pixel_targets(masks: list[np.ndarray], scenes: list[Scene], size: int) -> tu
     return fg, body
 
 
+def instance_targets(masks: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stage-1 instance targets for n images from their visible masks ((k, H, W) bool each): the centre
+    heatmap (n, H, W) float, a Gaussian (sigma size/32) around each subject's visible centroid, 1 at the
+    pixel nearest it; the offsets (n, 2, H, W) float, (dy, dx) / size from each subject pixel to its
+    subject's centroid (0 on background); the centre pixels (n, H, W) bool (the heatmap's positives)."""
+    heat = np.zeros((len(masks), size, size), dtype=np.float32)
+    offset = np.zeros((len(masks), 2, size, size), dtype=np.float32)
+    peak = np.zeros((len(masks), size, size), dtype=bool)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    sigma = size / 32
+    for i, ms in enumerate(masks):
+        for m in ms:
+            if not m.any():
+                continue
+            ys, xs = np.nonzero(m)
+            cy, cx = ys.mean(), xs.mean()
+            heat[i] = np.maximum(heat[i], np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2)))
+            py, px = min(int(round(cy)), size - 1), min(int(round(cx)), size - 1)
+            heat[i, py, px], peak[i, py, px] = 1.0, True
+            offset[i, 0][m], offset[i, 1][m] = (cy - ys) / size, (cx - xs) / size
+    return heat, offset, peak
+
+
+def centre_loss(logit: torch.Tensor, heat: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss: logit (B, H, W), Gaussian target heat (B, H, W), peaks (B, H, W)
+    bool; normalised by the number of peaks."""
+    p = torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4)
+    pos = -((1 - p) ** 2) * torch.log(p) * peak
+    neg = -((1 - heat) ** 4) * p**2 * torch.log(1 - p) * ~peak
+    return (pos.sum() + neg.sum()) / peak.sum().clamp(min=1)
+
+
 def _jitter(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A mask grown or shrunk by one pixel at random: stage 1's regions are never exact."""
     import cv2
@@ -86,6 +119,36 @@ def _jitter(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     kernel = np.ones((3, 3), np.uint8)
     out = (cv2.dilate if op == 1 else cv2.erode)(mask.astype(np.uint8), kernel).astype(bool)
     return out if out.any() else mask
+
+
+def stage1_loss(pixel: PixelNet, x: torch.Tensor, background: np.ndarray, fg: np.ndarray, body: np.ndarray,
+                masks: list[np.ndarray]) -> torch.Tensor:
+    """PixelNet's loss on images x (B, 3, H, W): background (B,), per-pixel fg and body targets (B, H, W) and
+    the visible masks (for the centres and offsets)."""
+    heads, bg = pixel(x)
+    loss = F.cross_entropy(bg, torch.from_numpy(background))
+    loss = loss + F.cross_entropy(heads["fg"], torch.from_numpy(fg))
+    loss = loss + F.cross_entropy(heads["body"], torch.from_numpy(body), ignore_index=IGNORE)
+    heat, offset, peak = (torch.from_numpy(t) for t in instance_targets(masks, x.shape[-1]))
+    loss = loss + centre_loss(heads["centre"][:, 0], heat, peak)
+    on_subject = torch.from_numpy(fg).unsqueeze(1).float()  # offsets are only asked of subject pixels
+    offset_l1 = ((heads["offset"] - offset).abs() * on_subject).sum() / on_subject.sum().clamp(min=1)
+    return loss + OFFSET_WEIGHT * offset_l1
+
+
+def stage2_loss(subject: SubjectNet, x: torch.Tensor, scenes: list[Scene], masks: list[np.ndarray],
+                rng: np.random.Generator) -> torch.Tensor:
+    """SubjectNet's loss on every subject of images x (B, 3, H, W), read through its jittered true mask."""
+    owner = np.array([j for j, sc in enumerate(scenes) for _ in sc.subjects], dtype=np.int64)
+    truth = [s for sc in scenes for s in sc.subjects]
+    crop_masks = np.array([_jitter(m, rng) for ms in masks for m in ms]).reshape(-1, *x.shape[-2:])
+    keep = crop_masks.reshape(len(crop_masks), -1).any(1)  # a fully hidden subject has nothing to read
+    out = subject(subject_crops(x, owner[keep], crop_masks[keep]))
+    truth = [s for s, k in zip(truth, keep, strict=True) if k]
+    loss = torch.zeros(())
+    for head, vocab in (("cls", CLASSES), ("body", COLOUR_NAMES), ("part", COLOUR_NAMES), ("pattern", PATTERNS)):
+        loss = loss + F.cross_entropy(out[head], torch.tensor([vocab.index(getattr(s, head)) for s in truth]))
+    return loss
 
 
 def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50) -> Oracle:
@@ -103,24 +166,12 @@ def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50) -> Oracle:
     for step in range(cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(images), cfg.batch_size, replace=False)
-        batch = versions[rng.integers(0, 3, cfg.batch_size), idx]
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
-        x = to_input(batch, cfg.resolution)
-        heads, bg = pixel(x)
-        loss = F.cross_entropy(bg, torch.from_numpy(bgs[idx]))
-        loss = loss + F.cross_entropy(heads["fg"], torch.from_numpy(fg[idx]))
-        loss = loss + F.cross_entropy(heads["body"], torch.from_numpy(body[idx]), ignore_index=IGNORE)
-        owner = np.array([j for j, i in enumerate(idx) for _ in scenes[i].subjects], dtype=np.int64)
-        subj = [s for i in idx for s in scenes[i].subjects]
-        crops_masks = np.array([_jitter(m, rng) for i in idx for m in masks[i]]).reshape(-1, *images.shape[1:3])
-        keep = crops_masks.reshape(len(crops_masks), -1).any(1)  # a fully hidden subject has nothing to read
-        out = subject(subject_crops(x, owner[keep], crops_masks[keep]))
-        subj = [s for s, k in zip(subj, keep, strict=True) if k]
-        for head, vocab, attr in (("cls", CLASSES, "cls"), ("body", COLOUR_NAMES, "body"),
-                                  ("part", COLOUR_NAMES, "part"), ("pattern", PATTERNS, "pattern")):
-            target = torch.tensor([vocab.index(getattr(s, attr)) for s in subj])
-            loss = loss + F.cross_entropy(out[head], target)
+        x = to_input(versions[rng.integers(0, 3, cfg.batch_size), idx], cfg.resolution)
+        batch_masks = [masks[i] for i in idx]
+        loss = stage1_loss(pixel, x, bgs[idx], fg[idx], body[idx], batch_masks)
+        loss = loss + stage2_loss(subject, x, [scenes[i] for i in idx], batch_masks, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -143,18 +194,16 @@ def match(masks: np.ndarray, reading) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if iou[r, c] > 0]
 
 
-def accuracy(oracle: Oracle, scenes: list[Scene], images: np.ndarray) -> dict[str, float]:
-    """Oracle accuracy on known scenes: background, subject count, and per true subject class/colours/pattern.
-
-    A true subject the oracle missed counts as wrong on every attribute.
-    """
-    readings = oracle.read(images)
-    hits = {"background": 0, "count": 0, "class": 0, "body": 0, "part": 0, "pattern": 0}
+def _figures(scenes: list[Scene], readings: list, sizes: list[int]) -> dict[str, float]:
+    hits = {"background": 0, "count": 0, "class": 0, "body": 0, "part": 0, "pattern": 0, "too_many": 0,
+            "too_few": 0}
     n_subjects = 0
-    for scene, image, reading in zip(scenes, images, readings, strict=True):
-        _, masks = render(scene, image.shape[0])
+    for scene, size, reading in zip(scenes, sizes, readings, strict=True):
+        _, masks = render(scene, size)
         hits["background"] += reading.background == scene.background
         hits["count"] += len(reading.subjects) == len(scene.subjects)
+        hits["too_many"] += len(reading.subjects) > len(scene.subjects)
+        hits["too_few"] += len(reading.subjects) < len(scene.subjects)
         n_subjects += len(scene.subjects)
         for i, j in match(masks, reading):
             t, r = scene.subjects[i], reading.subjects[j]
@@ -162,6 +211,21 @@ def accuracy(oracle: Oracle, scenes: list[Scene], images: np.ndarray) -> dict[st
             hits["body"] += r.body == t.body
             hits["part"] += r.part == t.part
             hits["pattern"] += r.pattern == t.pattern
-    per_image = {"background", "count"}
-    return {k: v / (len(scenes) if k in per_image else max(n_subjects, 1)) for k, v in hits.items()} | {
+    per_image = {"background", "count", "too_many", "too_few"}
+    return {k: v / max(len(scenes) if k in per_image else n_subjects, 1) for k, v in hits.items()} | {
         "images": len(scenes), "subjects": n_subjects}
+
+
+def accuracy(oracle: Oracle, scenes: list[Scene], images: np.ndarray) -> dict:
+    """Oracle accuracy on known scenes: per image background and subject count (and the shares of images read
+    with too many and too few subjects), per true subject class/colours/pattern; the same figures per number of
+    subjects in the scene under `by_subjects`. A true subject the oracle missed is wrong on every attribute."""
+    readings = oracle.read(images)
+    sizes = [image.shape[0] for image in images]
+    out = _figures(scenes, readings, sizes)
+    out["by_subjects"] = {}
+    for k in sorted({len(s.subjects) for s in scenes}):
+        pick = [i for i, s in enumerate(scenes) if len(s.subjects) == k]
+        out["by_subjects"][str(k)] = _figures([scenes[i] for i in pick], [readings[i] for i in pick],
+                                              [sizes[i] for i in pick])
+    return out
