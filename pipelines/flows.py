@@ -12,6 +12,7 @@ Run them directly (`python -m pipelines.flows pipeline`, `... ablation`), on a s
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -222,14 +223,34 @@ def far_pipeline(project: str = ".", targets: list[str] | None = None) -> dict[s
     return {r["stage"]: r["status"] for r in results}
 
 
+def parse_queue_status(text: str) -> tuple[dict[str, tuple[str, str]], int | None]:
+    """`dvc queue status` output -> ({task id: (experiment name, Queued | Running | Success | Failed)}, the
+    number of workers, active and idle, from its "Worker status: N active, M idle" line; None without it)."""
+    rows: dict[str, tuple[str, str]] = {}
+    workers = None
+    for line in text.splitlines():
+        parts = line.split()
+        if line.startswith("Worker status"):
+            counts = re.findall(r"(\d+) (?:active|idle)", line)
+            workers = sum(map(int, counts)) if counts else None
+        elif len(parts) >= 3 and parts[0] != "Task":
+            rows[parts[0]] = (parts[1], parts[-1])
+    return rows, workers
+
+
 def queue_status(root: Path) -> dict[str, tuple[str, str]]:
     """{task id: (experiment name, Queued | Running | Success | Failed)} from `dvc queue status`."""
-    rows: dict[str, tuple[str, str]] = {}
-    for line in run_quiet(["queue", "status"], root, "`dvc queue status`").splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[0] != "Task" and not line.startswith("Worker status"):
-            rows[parts[0]] = (parts[1], parts[-1])
-    return rows
+    return parse_queue_status(run_quiet(["queue", "status"], root, "`dvc queue status`"))[0]
+
+
+STALL_SECONDS = 30.0
+
+
+def stalled(states: dict[str, str], workers: int | None) -> bool:
+    """Experiments wait in the queue with no worker left to run them: DVC's workers can exit with tasks still
+    queued (treeverse/dvc#10562; seen here as "Got shutdown from remote" after one experiment each)."""
+    values = set(states.values())
+    return workers == 0 and "Queued" in values and "Running" not in values
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -262,14 +283,23 @@ def run_queue(root: str, ids: dict[str, str], jobs: int, timeout: float, poll: f
     logger, project = get_run_logger(), Path(root)
     run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
     deadline, last = time.monotonic() + timeout, {}
+    stalled_since, restarted = None, time.monotonic()
     while True:
-        status = queue_status(project)
+        status, workers = parse_queue_status(run_quiet(["queue", "status"], project, "`dvc queue status`"))
         states = {name: status.get(tid, (name, "Unknown"))[1] for name, tid in ids.items()}
         if states != last:
             logger.info("queue: %s", ", ".join(f"{n} {s}" for n, s in states.items()))
             last = states
         if all(s in ("Success", "Failed") for s in states.values()):
             break
+        # Stalled for STALL_SECONDS, and as long since the last start: a worker between two tasks, or one still
+        # starting, is not a dead one. `dvc queue start` skips the named workers it sees running.
+        now = time.monotonic()
+        stalled_since = (stalled_since or now) if stalled(states, workers) else None
+        if stalled_since is not None and now - stalled_since >= STALL_SECONDS and now - restarted >= STALL_SECONDS:
+            logger.warning("queue: experiments queued, no worker left (treeverse/dvc#10562): `dvc queue start` again")
+            run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
+            stalled_since, restarted = None, now
         if time.monotonic() > deadline:
             raise DvcError(f"ablation queue not finished after {timeout:.0f} s (orchestrate.queue_timeout): {states}")
         time.sleep(poll)
