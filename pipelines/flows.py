@@ -238,9 +238,14 @@ def parse_queue_status(text: str) -> tuple[dict[str, tuple[str, str]], int | Non
     return rows, workers
 
 
+def read_queue(root: Path) -> tuple[dict[str, tuple[str, str]], int | None]:
+    """`dvc queue status` of the project at `root`, parsed (parse_queue_status)."""
+    return parse_queue_status(run_quiet(["queue", "status"], root, "`dvc queue status`"))
+
+
 def queue_status(root: Path) -> dict[str, tuple[str, str]]:
     """{task id: (experiment name, Queued | Running | Success | Failed)} from `dvc queue status`."""
-    return parse_queue_status(run_quiet(["queue", "status"], root, "`dvc queue status`"))[0]
+    return read_queue(root)[0]
 
 
 STALL_SECONDS = 30.0
@@ -281,11 +286,15 @@ def queue_variants(root: str, variants: list[dict[str, Any]]) -> dict[str, str]:
 def run_queue(root: str, ids: dict[str, str], jobs: int, timeout: float, poll: float = 2.0) -> dict[str, Any]:
     """`dvc queue start -j <jobs>`, wait for every queued variant, return {name: status, ran, skipped}."""
     logger, project = get_run_logger(), Path(root)
-    run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
-    deadline, last = time.monotonic() + timeout, {}
-    stalled_since, restarted = None, time.monotonic()
+
+    def start_workers() -> float:
+        run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
+        return time.monotonic()
+
+    started = start_workers()
+    deadline, last, stalled_since = started + timeout, {}, None
     while True:
-        status, workers = parse_queue_status(run_quiet(["queue", "status"], project, "`dvc queue status`"))
+        status, workers = read_queue(project)
         states = {name: status.get(tid, (name, "Unknown"))[1] for name, tid in ids.items()}
         if states != last:
             logger.info("queue: %s", ", ".join(f"{n} {s}" for n, s in states.items()))
@@ -296,10 +305,9 @@ def run_queue(root: str, ids: dict[str, str], jobs: int, timeout: float, poll: f
         # starting, is not a dead one. `dvc queue start` skips the named workers it sees running.
         now = time.monotonic()
         stalled_since = (stalled_since or now) if stalled(states, workers) else None
-        if stalled_since is not None and now - stalled_since >= STALL_SECONDS and now - restarted >= STALL_SECONDS:
+        if stalled_since is not None and now - stalled_since >= STALL_SECONDS and now - started >= STALL_SECONDS:
             logger.warning("queue: experiments queued, no worker left (treeverse/dvc#10562): `dvc queue start` again")
-            run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
-            stalled_since, restarted = None, now
+            started, stalled_since = start_workers(), None
         if time.monotonic() > deadline:
             raise DvcError(f"ablation queue not finished after {timeout:.0f} s (orchestrate.queue_timeout): {states}")
         time.sleep(poll)

@@ -204,12 +204,12 @@ class Oracle:
         from far.io import file_sha256
 
         path = Path(path)
-        state = {k: v.float() for k, v in load_file(path).items()}
         meta = _metadata(path)
         if meta.get("format") != FORMAT:
             found = meta.get("format", "none (an older oracle, which grouped subjects by colour)")
             raise InvalidInputError(f"{path}: oracle weights of format {found}, this far reads {FORMAT}; "
                                     "remake them with `far world oracle`")
+        state = {k: v.float() for k, v in load_file(path).items()}
         pixel, subject = PixelNet(int(meta["width"])), SubjectNet(int(meta["subject_width"]))
         pixel.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("pixel.")})
         subject.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("subject.")})

@@ -194,26 +194,29 @@ def match(masks: np.ndarray, reading) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if iou[r, c] > 0]
 
 
-def _figures(scenes: list[Scene], readings: list, sizes: list[int]) -> dict[str, float]:
-    hits = {"background": 0, "count": 0, "class": 0, "body": 0, "part": 0, "pattern": 0, "too_many": 0,
-            "too_few": 0}
-    n_subjects = 0
-    for scene, size, reading in zip(scenes, sizes, readings, strict=True):
-        _, masks = render(scene, size)
-        hits["background"] += reading.background == scene.background
-        hits["count"] += len(reading.subjects) == len(scene.subjects)
-        hits["too_many"] += len(reading.subjects) > len(scene.subjects)
-        hits["too_few"] += len(reading.subjects) < len(scene.subjects)
-        n_subjects += len(scene.subjects)
-        for i, j in match(masks, reading):
-            t, r = scene.subjects[i], reading.subjects[j]
-            hits["class"] += r.cls == t.cls
-            hits["body"] += r.body == t.body
-            hits["part"] += r.part == t.part
-            hits["pattern"] += r.pattern == t.pattern
-    per_image = {"background", "count", "too_many", "too_few"}
-    return {k: v / max(len(scenes) if k in per_image else n_subjects, 1) for k, v in hits.items()} | {
-        "images": len(scenes), "subjects": n_subjects}
+PER_IMAGE = ("background", "count", "too_many", "too_few")
+PER_SUBJECT = ("class", "body", "part", "pattern")
+
+
+def _hits(scene: Scene, size: int, reading) -> dict[str, int]:
+    """What one reading got right of its scene: per-image flags (PER_IMAGE) and per-subject counts (PER_SUBJECT)."""
+    _, masks = render(scene, size)
+    n_read, n_true = len(reading.subjects), len(scene.subjects)
+    hits = {"background": int(reading.background == scene.background), "count": int(n_read == n_true),
+            "too_many": int(n_read > n_true), "too_few": int(n_read < n_true)} | dict.fromkeys(PER_SUBJECT, 0)
+    for i, j in match(masks, reading):
+        t, r = scene.subjects[i], reading.subjects[j]
+        hits["class"] += r.cls == t.cls
+        hits["body"] += r.body == t.body
+        hits["part"] += r.part == t.part
+        hits["pattern"] += r.pattern == t.pattern
+    return hits
+
+
+def _figures(hits: list[dict[str, int]], n_subjects: int) -> dict[str, float]:
+    """Shares from per-scene hits: per image over the scenes, per subject over their `n_subjects`."""
+    return {k: sum(h[k] for h in hits) / max(len(hits) if k in PER_IMAGE else n_subjects, 1)
+            for k in PER_IMAGE + PER_SUBJECT} | {"images": len(hits), "subjects": n_subjects}
 
 
 def accuracy(oracle: Oracle, scenes: list[Scene], images: np.ndarray) -> dict:
@@ -221,11 +224,10 @@ def accuracy(oracle: Oracle, scenes: list[Scene], images: np.ndarray) -> dict:
     with too many and too few subjects), per true subject class/colours/pattern; the same figures per number of
     subjects in the scene under `by_subjects`. A true subject the oracle missed is wrong on every attribute."""
     readings = oracle.read(images)
-    sizes = [image.shape[0] for image in images]
-    out = _figures(scenes, readings, sizes)
+    hits = [_hits(s, image.shape[0], r) for s, image, r in zip(scenes, images, readings, strict=True)]
+    out = _figures(hits, sum(len(s.subjects) for s in scenes))
     out["by_subjects"] = {}
     for k in sorted({len(s.subjects) for s in scenes}):
-        pick = [i for i, s in enumerate(scenes) if len(s.subjects) == k]
-        out["by_subjects"][str(k)] = _figures([scenes[i] for i in pick], [readings[i] for i in pick],
-                                              [sizes[i] for i in pick])
+        group = [h for h, s in zip(hits, scenes, strict=True) if len(s.subjects) == k]
+        out["by_subjects"][str(k)] = _figures(group, k * len(group))
     return out
