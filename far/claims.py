@@ -76,6 +76,15 @@ CLAIMS: dict[str, tuple[str, list[Comparison]]] = {
     "4": ("Training only the cross-attention K/V keeps prior knowledge: less prior drift on \"a dog\" than the "
           "full UNet (dreambooth)",
           [Comparison(a, "dreambooth", "prior drift") for a in CROSSATTN_KV]),
+    "5": ("On the whole UNet, where identity is learned, FaR's parts do what claims 1-3 say (dreambooth as the "
+          "baseline): fusion fewer memorised backgrounds with identity not worse, refinement less leakage, "
+          "both together more two-dog images with both dogs right",
+          [Comparison("+fusion-unet", "dreambooth", "memorised"),
+           Comparison("+fusion-unet", "dreambooth", "identity", "not_worse"),
+           Comparison("+refine-unet", "dreambooth", "leakage"),
+           Comparison("far-unet", "+fusion-unet", "leakage"),
+           *[Comparison("far-unet", b, "both correct") for b in ("dreambooth", "+fusion-unet", "+refine-unet")],
+           Comparison("far-unet", "dreambooth", "identity", "not_worse")]),
 }
 
 
