@@ -131,6 +131,22 @@ def run_quiet(args: Iterable[str], cwd: Path, what: str, **env: str) -> str:
     return proc.stdout
 
 
+def run_detaching(args: Iterable[str], cwd: Path, what: str, **env: str) -> None:
+    """Run a DVC command that leaves daemons behind (`dvc queue start`); a failure raises DvcError.
+
+    Its output goes to a file, not a pipe: the daemon DVC forks keeps the command's stdout and stderr open
+    until its workers exit, so reading a pipe to its end waited here for the whole queue (seen: the ablation
+    flow stopped polling the queue as soon as it started the workers)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.run(dvc(*args), cwd=cwd, env=subprocess_env(**env), stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True)
+        if proc.returncode != 0:
+            out.seek(0)
+            raise DvcError(f"{what} failed in {cwd}: {_last_error(out.read().splitlines())}")
+
+
 def _last_error(lines: list[str]) -> str:
     cleaned = [_clean(line) for line in lines if _clean(line)]
     errors = [line for line in cleaned if line.startswith("ERROR")]

@@ -36,6 +36,7 @@ from pipelines.dvc_cli import (
     StageGraph,
     classify_failure,
     dvc,
+    run_detaching,
     run_quiet,
     stage_events,
     stage_graph,
@@ -288,7 +289,7 @@ def run_queue(root: str, ids: dict[str, str], jobs: int, timeout: float, poll: f
     logger, project = get_run_logger(), Path(root)
 
     def start_workers() -> float:
-        run_quiet(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
+        run_detaching(["queue", "start", "-j", str(jobs)], project, "`dvc queue start`", **threads_per_job(jobs))
         return time.monotonic()
 
     started = start_workers()
