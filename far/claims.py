@@ -85,6 +85,10 @@ CLAIMS: dict[str, tuple[str, list[Comparison]]] = {
            Comparison("far-unet", "+fusion-unet", "leakage"),
            *[Comparison("far-unet", b, "both correct") for b in ("dreambooth", "+fusion-unet", "+refine-unet")],
            Comparison("far-unet", "dreambooth", "identity", "not_worse")]),
+    "6": ("Localized Refinement at ten times the default weight prevents leakage (+refine-x10 vs baseline, "
+          "far-x10 vs +fusion): less leakage, more two-dog images with both dogs right, identity not worse",
+          [Comparison(a, b, f, kind) for a, b in (("+refine-x10", "baseline"), ("far-x10", "+fusion"))
+           for f, kind in (("leakage", "better"), ("both correct", "better"), ("identity", "not_worse"))]),
 }
 
 
