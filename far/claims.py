@@ -246,7 +246,7 @@ def _commit(repo: Path, rev: str) -> str | None:
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
-def run(repo: Path, grid: Path, params: Path, out: Path, rev: str = "HEAD") -> dict[str, Any]:
+def run(repo: Path, grid: Path, params: Path, out: Path, rev: str | list[str] = "HEAD") -> dict[str, Any]:
     """`far claims`: the grid's experiments derived from commit `rev` (`dvc exp show --json --rev`) in `repo`
     -> `out` and claims.json. Experiments belong to the commit they ran from: after a later commit, name it."""
     from pipelines.ablation import experiment_metrics, load_grid
@@ -259,12 +259,18 @@ def run(repo: Path, grid: Path, params: Path, out: Path, rev: str = "HEAD") -> d
     from far.claims_grid import experiment_revs, write_grid
     from far.report import write_claims_page
 
-    show = json.loads(run_quiet(["exp", "show", "--json", "--rev", rev], repo, "`dvc exp show`"))
+    revs = [rev] if isinstance(rev, str) else list(rev)
+    show = json.loads(run_quiet(["exp", "show", "--json", *(a for r in revs for a in ("--rev", r))], repo,
+                                "`dvc exp show`"))
+    # `dvc exp show` lists the baselines newest first; the first --rev named wins a name found under several
+    order = [_commit(repo, r) or r for r in revs]
+    show = sorted(show, key=lambda b: next((i for i, c in enumerate(order) if str(b.get("rev", "")).startswith(c)),
+                                           len(order)))
     runs = experiment_metrics(show, {e.name for e in experiments})
     if not runs:
-        print(f"far claims: no experiment of the grid derives from {rev}; `dvc exp list --all-commits` lists the "
-            "commits that have them: `far claims --rev <commit>`", file=sys.stderr)
-    claims = write_claims(runs, groups, out, source=_commit(repo, rev))
+        print(f"far claims: no experiment of the grid derives from {', '.join(revs)}; `dvc exp list --all-commits` "
+              "lists the commits that have them: `far claims --rev <commit>`", file=sys.stderr)
+    claims = write_claims(runs, groups, out, source=", ".join(filter(None, (_commit(repo, r) for r in revs))))
     write_grid(repo, experiment_revs(show), groups, out.with_suffix(""))
     write_claims_page(out, out.with_suffix(".html"))
     return claims

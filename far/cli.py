@@ -71,7 +71,9 @@ def claims(
     grid: Path = typer.Option(Path("ablations.yaml"), help="The ablation grid (variants x training seeds)."),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params.yaml the grid's variants override."),
     repo: Path = typer.Option(Path("."), help="DVC repository whose experiments to read (`dvc exp show`)."),
-    rev: str = typer.Option("HEAD", help="The commit the experiments derive from (`dvc exp list --all-commits`)."),
+    rev: list[str] = typer.Option(["HEAD"], help="A commit the experiments derive from (`dvc exp list "
+                                  "--all-commits`); repeat it for a grid run across commits (the first that has "
+                                  "an experiment wins)."),
 ) -> None:
     """The paper's claims judged on the grid's DVC experiments: reports/claims.md, .json, .html (far/claims.py)."""
     from far.claims import run

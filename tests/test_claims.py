@@ -238,3 +238,12 @@ def test_grid_reads_each_experiments_samples_from_the_dvc_cache_at_its_commit(tm
     assert grid["missing"] == ["lora: no experiment of it in `dvc exp show`"]
     assert np.asarray(Image.open(tmp_path / "claims" / "far_001_0.png"))[0, 0, 0] == 7
     assert json.loads((tmp_path / "claims" / "grid.json").read_text()) == grid
+
+
+def test_an_experiment_found_under_two_commits_is_read_from_the_first_listed():
+    """`far claims --rev A --rev B` sorts A's baseline first; a name under both is A's experiment."""
+    first = {"rev": "b" * 40, "name": "later", "data": {}, "experiments": [exp("far-s3", world(identity=0.1))]}
+    shown = [first, *show([exp("far-s3", world(identity=0.9)), exp("far-s4", world(identity=0.5))])]
+    runs = experiment_metrics(shown, {"far-s3", "far-s4"})
+    assert runs["far-s3"]["metrics"]["reports/metrics.json:world.single.identity"] == 0.1
+    assert runs["far-s4"]["metrics"]["reports/metrics.json:world.single.identity"] == 0.5
