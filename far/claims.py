@@ -262,7 +262,7 @@ def run(repo: Path, grid: Path, params: Path, out: Path, rev: str | list[str] = 
     revs = [rev] if isinstance(rev, str) else list(rev)
     show = json.loads(run_quiet(["exp", "show", "--json", *(a for r in revs for a in ("--rev", r))], repo,
                                 "`dvc exp show`"))
-    # `dvc exp show` lists the baselines newest first; the first --rev named wins a name found under several
+    # `dvc exp show` lists the baselines newest first; the first --rev named that finished a name wins it
     order = [_commit(repo, r) or r for r in revs]
     show = sorted(show, key=lambda b: next((i for i, c in enumerate(order) if str(b.get("rev", "")).startswith(c)),
                                            len(order)))

@@ -73,7 +73,7 @@ def claims(
     repo: Path = typer.Option(Path("."), help="DVC repository whose experiments to read (`dvc exp show`)."),
     rev: list[str] = typer.Option(["HEAD"], help="A commit the experiments derive from (`dvc exp list "
                                   "--all-commits`); repeat it for a grid run across commits (the first that has "
-                                  "an experiment wins)."),
+                                  "an experiment finished wins)."),
 ) -> None:
     """The paper's claims judged on the grid's DVC experiments: reports/claims.md, .json, .html (far/claims.py)."""
     from far.claims import run

@@ -171,7 +171,8 @@ def experiment_metrics(show: list[dict[str, Any]], names: set[str]) -> dict[str,
     for baseline in show:
         for exp in baseline.get("experiments") or []:
             name = exp.get("name")
-            if name not in names or name in found or not exp.get("revs"):  # the first baseline listed wins
+            # the first baseline listed that has it finished wins (a failed try under a later commit is no result)
+            if name not in names or not exp.get("revs") or found.get(name, {}).get("state") == "success":
                 continue
             rev = exp["revs"][0]
             metrics: dict[str, Any] = {}

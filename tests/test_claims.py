@@ -241,9 +241,13 @@ def test_grid_reads_each_experiments_samples_from_the_dvc_cache_at_its_commit(tm
 
 
 def test_an_experiment_found_under_two_commits_is_read_from_the_first_listed():
-    """`far claims --rev A --rev B` sorts A's baseline first; a name under both is A's experiment."""
-    first = {"rev": "b" * 40, "name": "later", "data": {}, "experiments": [exp("far-s3", world(identity=0.1))]}
-    shown = [first, *show([exp("far-s3", world(identity=0.9)), exp("far-s4", world(identity=0.5))])]
-    runs = experiment_metrics(shown, {"far-s3", "far-s4"})
-    assert runs["far-s3"]["metrics"]["reports/metrics.json:world.single.identity"] == 0.1
-    assert runs["far-s4"]["metrics"]["reports/metrics.json:world.single.identity"] == 0.5
+    """`far claims --rev A --rev B` sorts A's baseline first; a name under both is A's experiment, unless A's
+    failed and B's finished."""
+    first = {"rev": "b" * 40, "name": "later", "data": {}, "experiments": [
+        exp("far-s3", world(identity=0.1)), exp("far-s5", world(identity=0.0), state="failed")]}
+    shown = [first, *show([exp("far-s3", world(identity=0.9)), exp("far-s4", world(identity=0.5)),
+                           exp("far-s5", world(identity=0.7))])]
+    runs = experiment_metrics(shown, {"far-s3", "far-s4", "far-s5"})
+    identity = {n: r["metrics"]["reports/metrics.json:world.single.identity"] for n, r in runs.items()}
+    assert identity == {"far-s3": 0.1, "far-s4": 0.5, "far-s5": 0.7}
+    assert runs["far-s5"]["state"] == "success"
