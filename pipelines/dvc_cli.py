@@ -12,6 +12,7 @@ import queue
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -137,8 +138,6 @@ def run_detaching(args: Iterable[str], cwd: Path, what: str, **env: str) -> None
     Its output goes to a file, not a pipe: the daemon DVC forks keeps the command's stdout and stderr open
     until its workers exit, so reading a pipe to its end waited here for the whole queue (seen: the ablation
     flow stopped polling the queue as soon as it started the workers)."""
-    import tempfile
-
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.run(dvc(*args), cwd=cwd, env=subprocess_env(**env), stdout=out, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, text=True)
