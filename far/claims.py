@@ -247,8 +247,9 @@ def _commit(repo: Path, rev: str) -> str | None:
 
 
 def run(repo: Path, grid: Path, params: Path, out: Path, rev: str | list[str] = "HEAD") -> dict[str, Any]:
-    """`far claims`: the grid's experiments derived from commit `rev` (`dvc exp show --json --rev`) in `repo`
-    -> `out` and claims.json. Experiments belong to the commit they ran from: after a later commit, name it."""
+    """`far claims`: the grid's experiments derived from commit(s) `rev` (`dvc exp show --json --rev ...`) in
+    `repo` -> `out` and claims.json. Experiments belong to the commit they ran from: after a later commit, name
+    it; a grid run across commits names each."""
     from pipelines.ablation import experiment_metrics, load_grid
     from pipelines.dvc_cli import run_quiet
 
@@ -260,17 +261,17 @@ def run(repo: Path, grid: Path, params: Path, out: Path, rev: str | list[str] = 
     from far.report import write_claims_page
 
     revs = [rev] if isinstance(rev, str) else list(rev)
+    commits = [_commit(repo, r) for r in revs]
     show = json.loads(run_quiet(["exp", "show", "--json", *(a for r in revs for a in ("--rev", r))], repo,
                                 "`dvc exp show`"))
     # `dvc exp show` lists the baselines newest first; the first --rev named that finished a name wins it
-    order = [_commit(repo, r) or r for r in revs]
-    show = sorted(show, key=lambda b: next((i for i, c in enumerate(order) if str(b.get("rev", "")).startswith(c)),
-                                           len(order)))
+    show = sorted(show, key=lambda b: next((i for i, c in enumerate(commits)
+                                            if c and str(b.get("rev", "")).startswith(c)), len(commits)))
     runs = experiment_metrics(show, {e.name for e in experiments})
     if not runs:
         print(f"far claims: no experiment of the grid derives from {', '.join(revs)}; `dvc exp list --all-commits` "
               "lists the commits that have them: `far claims --rev <commit>`", file=sys.stderr)
-    claims = write_claims(runs, groups, out, source=", ".join(filter(None, (_commit(repo, r) for r in revs))))
+    claims = write_claims(runs, groups, out, source=", ".join(filter(None, commits)))
     write_grid(repo, experiment_revs(show), groups, out.with_suffix(""))
     write_claims_page(out, out.with_suffix(".html"))
     return claims

@@ -50,7 +50,6 @@ print("started", flush=True)
 
 
 def test_starting_workers_returns_while_the_daemon_lives(tmp_path, monkeypatch):
-
     script, pid_file = tmp_path / "start.py", tmp_path / "daemon.pid"
     script.write_text(DAEMONIZING)
     monkeypatch.setattr(dvc_cli, "dvc", lambda *args: [sys.executable, str(script), str(pid_file)])
@@ -63,8 +62,6 @@ def test_starting_workers_returns_while_the_daemon_lives(tmp_path, monkeypatch):
 
 
 def test_a_failed_start_names_the_command_and_dvcs_error(tmp_path, monkeypatch):
-
-
     failing = [sys.executable, "-c", "import sys; print('ERROR: no git commit'); sys.exit(1)"]
     monkeypatch.setattr(dvc_cli, "dvc", lambda *args: failing)
     with pytest.raises(dvc_cli.DvcError, match="`dvc queue start` failed .*ERROR: no git commit"):
