@@ -284,6 +284,182 @@ class _Crops:
         self.owners.append(owner)
 
 
+@dataclass
+class _Scorers:
+    """What scores the samples: the CLIP and DINO backbones, the subject finder (multi-concept prompts), the
+    segmenter (`eval.regions: segment`), the oracle and the world truths (the world verdict)."""
+
+    clip: Any
+    dino: Any
+    finder: Any
+    segmenter: Any
+    oracle: Any
+    truths: dict[str, Any]
+
+
+def _load_scorers(items: list[Sample], cfg: EvalConfig, concepts: ConceptsConfig, segment: SegmentConfig,
+                  workdir: Path, backbones: tuple[Any, Any] | None, finder: Any) -> _Scorers:
+    """Load what `items` need and is not given: backbones from `cfg`, the finder only for multi-concept samples."""
+    from far.backbones import load_clip, load_dino, pick_device
+    from far.subjects import make_finder
+
+    segmenter = None
+    if cfg.regions == "segment" and any(s.attention and s.kind == "multi" for s in items):
+        from far.segment import Segmenter
+
+        segmenter = Segmenter(segment)
+    if backbones is None:
+        device = pick_device(cfg.device)
+        backbones = (load_clip(cfg.clip_model, workdir, device, cfg.tiny_seed),
+                     load_dino(cfg.dino_model, workdir, device, cfg.tiny_seed))
+    clip_bb, dino_bb = backbones
+    truths, oracle = world_inputs(cfg, concepts)
+    if finder is None and any(s.kind == "multi" for s in items):
+        finder = make_finder(cfg, segment, str(dino_bb.device), oracle)
+    return _Scorers(clip_bb, dino_bb, finder, segmenter, oracle, truths)
+
+
+@dataclass
+class _ImageScores:
+    """Per-image rows (CLIP-T, CLIP-I, DINO), attention-overlap rows, the subjects found in each multi-concept
+    image (sample index -> far.subjects.Subject list) and the identity crops still to embed."""
+
+    rows: list[dict[str, Any]]
+    leak_rows: list[dict[str, Any]]
+    found: dict[int, list[Any]]
+    crops: _Crops
+
+
+@dataclass
+class _ReferenceEmbeddings:
+    """Per concept (K, D): its references' CLIP and DINO embeddings, and DINO's of their subject crops."""
+
+    clip: dict[str, torch.Tensor]
+    dino: dict[str, torch.Tensor]
+    dino_crops: dict[str, torch.Tensor]
+
+
+def _embed_references(refs: dict[str, list[Reference]], clip_cache: EmbeddingCache, dino_cache: EmbeddingCache,
+                      load: Callable[[Path], Image.Image]) -> _ReferenceEmbeddings:
+    ref_paths = {c: [r.path for r in rs] for c, rs in refs.items()}
+    ref_crops = {c: [(r.path, r.bbox) for r in rs] for c, rs in refs.items()}
+    return _ReferenceEmbeddings(
+        clip={c: clip_cache.get(p, load) for c, p in ref_paths.items()},
+        dino={c: dino_cache.get(p, load) for c, p in ref_paths.items()},
+        dino_crops={c: dino_cache.get(k, lambda k: load(k[0]).crop(k[1])) for c, k in ref_crops.items()},
+    )
+
+
+def _score_images(items: list[Sample], ref_emb: _ReferenceEmbeddings, concepts: ConceptsConfig, cfg: EvalConfig,
+                  scorers: _Scorers, clip_cache: EmbeddingCache, dino_cache: EmbeddingCache,
+                  load: Callable[[Path], Image.Image]) -> _ImageScores:
+    """Embed every sample (each once), score CLIP-T/CLIP-I/DINO per image, find the subjects of multi-concept
+    images from pixels, and collect their identity crops (found instances and attention regions)."""
+    from far import identity as ident
+
+    bs = cfg.batch_size
+    clip_refs, dino_refs = ref_emb.clip, ref_emb.dino
+    token_map = [(c.token, c.class_word) for c in concepts.subjects]
+    class_word = {c.name: c.class_word for c in concepts.subjects}
+    texts = [clip_prompt(s.prompt, token_map) for s in items]
+    paths = [s.path for s in items]
+    chunks = [paths[i : i + 2 * bs] for i in range(0, len(paths), 2 * bs)]  # CLIP then DINO while decoded
+    clip_img, dino_img = map(torch.cat, zip(*[(clip_cache.get(c, load), dino_cache.get(c, load)) for c in chunks],
+                                            strict=True))  # (N, D) each
+    cos_t = clip_t(clip_img, scorers.clip.embed_texts(texts))  # (N,)
+
+    out = _ImageScores([], [], {}, _Crops([], []))  # instance crops: owner (i, index); attention: (i, concept)
+    for i, s in enumerate(items):
+        out.rows.append({
+            "prompt_idx": s.prompt_idx, "seed": s.seed, "kind": s.kind, "concepts": "+".join(s.concepts),
+            "prompt": s.prompt, "clip_prompt": texts[i], "path": s.path.name,
+            "clip_t": float(cos_t[i]), "clipscore": float(clipscore(cos_t[i])),
+            "clip_i": _mean_or_nan([mean_pairwise(clip_img[i : i + 1], clip_refs[c])[0] for c in s.concepts]),
+            "dino": _mean_or_nan([mean_pairwise(dino_img[i : i + 1], dino_refs[c])[0] for c in s.concepts])})
+        if s.kind != "multi":
+            continue
+        image = load(s.path)
+        size = image.size
+        out.found[i] = scorers.finder(image, [class_word[c] for c in s.concepts])  # pixels only, never attention
+        for j, subject in enumerate(out.found[i]):
+            out.crops.add(s.path, ident.pad_box(subject.bbox, size, cfg.crop_padding), (i, j))
+        if not s.attention:
+            continue
+        maps = {c: ident.load_map(p) for c, p in zip(s.concepts, s.attention, strict=True)}
+        for (a, b), overlap in ident.leakage(maps).items():
+            out.leak_rows.append({"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed, "concept_a": a,
+                                  "concept_b": b, "overlap": overlap})
+        if scorers.segmenter is None:  # eval.regions: attention -> (S, S) regions
+            regions = ident.attention_regions(maps, cfg.region_threshold)
+        else:  # eval.regions: segment -> (H, W) regions: the foreground split by the largest map
+            maps = {c: ident.upsample(m, size) for c, m in maps.items()}
+            regions = ident.segment_regions(maps, scorers.segmenter(np.asarray(image), s.path))
+        for c, m in maps.items():
+            out.crops.add(s.path, ident.region_bbox(regions[c], m, size, cfg.crop_padding), (i, c))
+    return out
+
+
+def _judge_identities(items: list[Sample], ref_emb: _ReferenceEmbeddings, names: list[str], cfg: EvalConfig,
+                      scores: _ImageScores, dino_cache: EmbeddingCache,
+                      load: Callable[[Path], Image.Image]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The identity tables: each found subject (Hungarian-assigned to a concept) and each concept's attention
+    region judged by DINO similarity of its crop to every concept's reference crops -> (identity, attn_identity)."""
+    from far import identity as ident
+
+    dino_ref_crops = ref_emb.dino_crops
+    crops = scores.crops
+    sims: dict[tuple[int, Any], dict[str, float]] = {}
+    if crops.keys:  # all identity crops of all images in one batched pass
+        embs = dino_cache.get(crops.keys, lambda k: load(k[0]) if k[1] == "whole" else load(k[0]).crop(k[1]))
+        for owner, emb in zip(crops.owners, embs, strict=True):
+            sims[owner] = {n: float(mean_pairwise(emb[None], dino_ref_crops[n])[0]) for n in names}
+    id_rows, attn_rows = [], []
+    for i, subjects in scores.found.items():
+        s = items[i]
+        where = {"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed}
+        size = load(s.path).size
+        matrix = np.array([[sims[(i, j)][c] for c in s.concepts] for j in range(len(subjects))])
+        for c, j in ident.assign(list(s.concepts), matrix.reshape(-1, len(s.concepts))).items():
+            box = None if j is None else ident.pad_box(subjects[j].bbox, size, cfg.crop_padding)
+            v = ident.judge(c, j is not None, box, sims[(i, j)] if j is not None else dict.fromkeys(names, math.nan))
+            id_rows.append(where | {"concept": c, "instance": j, "n_subjects": len(subjects)} | _verdict(v))
+        for c in (s.concepts if s.attention else ()):
+            box = crops.keys[crops.owners.index((i, c))][1]
+            v = ident.judge(c, box != "whole", None if box == "whole" else box, sims[(i, c)])
+            attn_rows.append(where | {"concept": c} | _verdict(v))
+    return pd.DataFrame(id_rows), pd.DataFrame(attn_rows)
+
+
+def _per_image_table(rows: list[dict[str, Any]], identity: pd.DataFrame, attn_identity: pd.DataFrame,
+                     leak: pd.DataFrame) -> pd.DataFrame:
+    """One row per image: its scores, with its identity accuracy/mixing and mean attention overlap merged in."""
+    per_image = pd.DataFrame(rows)
+    for df, prefix in ((identity, ""), (attn_identity, "attn_")):
+        if len(df):
+            by_image = df.groupby("path").agg(**{f"{prefix}identity_accuracy": ("correct", "mean"),
+                                                 f"{prefix}identity_mixing": ("mixing", "mean")})
+            per_image = per_image.merge(by_image, how="left", left_on="path", right_index=True)
+    if len(leak):
+        per_image = per_image.merge(leak.groupby("path").overlap.mean().rename("attn_leakage"), how="left",
+                                    left_on="path", right_index=True)
+    return per_image
+
+
+def _labels(scorers: _Scorers, cfg: EvalConfig) -> dict[str, Any]:
+    """Names and hashes of what scored (backbones.json): numbers only go to metrics.json."""
+    clip_bb, dino_bb, finder, segmenter, oracle = (scorers.clip, scorers.dino, scorers.finder, scorers.segmenter,
+                                                   scorers.oracle)
+    return {
+        "clip": clip_bb.name, "dino": dino_bb.name, "clip_sha256": clip_bb.sha256, "dino_sha256": dino_bb.sha256,
+        "subject_finder": finder.label if finder is not None else None,
+        "oracle": oracle.label if oracle is not None else None,
+        "identity": f"dino crops of found subjects (padding {cfg.crop_padding}), Hungarian assignment",
+        "attn_identity": (f"dino crops of {cfg.regions} regions (" + (f"threshold {cfg.region_threshold}"
+                          if segmenter is None else f"segment backend {segmenter.label}") +
+                          f", padding {cfg.crop_padding}); a diagnostic: reads the trained attention maps"),
+    }
+
+
 def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: EvalConfig, workdir: Path,
              backbones: tuple[Any, Any] | None = None, segment: SegmentConfig | None = None,
              finder: Any = None) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, Any]]:
@@ -298,140 +474,44 @@ def evaluate(samples: Path, segmented: Path, concepts: ConceptsConfig, cfg: Eval
     and a generated image is decoded once for both backbones. An attention region that is empty is
     compared as the whole image, for the attn_identity table only: it counts as misidentified.
     """
-    from far import identity as ident
-    from far.backbones import load_clip, load_dino, pick_device
-    from far.subjects import make_finder
-
     items = read_samples(samples, concepts)
     refs = read_references(segmented, concepts)
-    segment = segment or SegmentConfig()
-    segmenter = None
-    if cfg.regions == "segment" and any(s.attention and s.kind == "multi" for s in items):
-        from far.segment import Segmenter
-
-        segmenter = Segmenter(segment)
     start = time.perf_counter()
-    if backbones is None:
-        device = pick_device(cfg.device)
-        backbones = (load_clip(cfg.clip_model, workdir, device, cfg.tiny_seed),
-                     load_dino(cfg.dino_model, workdir, device, cfg.tiny_seed))
-    clip_bb, dino_bb = backbones
-    truths, oracle = world_inputs(cfg, concepts)
-    tables_world: dict[str, pd.DataFrame] = {}
-    if finder is None and any(s.kind == "multi" for s in items):
-        finder = make_finder(cfg, segment, str(dino_bb.device), oracle)
+    scorers = _load_scorers(items, cfg, concepts, segment or SegmentConfig(), workdir, backbones, finder)
     load_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     bs = cfg.batch_size
-    clip_cache = EmbeddingCache(lambda ims: clip_bb.embed_images(ims, bs))
-    dino_cache = EmbeddingCache(lambda ims: dino_bb.embed_images(ims, bs))
-    ref_paths = {c: [r.path for r in rs] for c, rs in refs.items()}
-    ref_crops = {c: [(r.path, r.bbox) for r in rs] for c, rs in refs.items()}
+    clip_cache = EmbeddingCache(lambda ims: scorers.clip.embed_images(ims, bs))
+    dino_cache = EmbeddingCache(lambda ims: scorers.dino.embed_images(ims, bs))
     load = functools.lru_cache(maxsize=4 * bs)(open_rgb)  # each image is decoded once for both backbones
-    clip_refs = {c: clip_cache.get(p, load) for c, p in ref_paths.items()}
-    dino_refs = {c: dino_cache.get(p, load) for c, p in ref_paths.items()}
-    dino_ref_crops = {c: dino_cache.get(k, lambda k: load(k[0]).crop(k[1])) for c, k in ref_crops.items()}
-
-    token_map = [(c.token, c.class_word) for c in concepts.subjects]
-    class_word = {c.name: c.class_word for c in concepts.subjects}
-    texts = [clip_prompt(s.prompt, token_map) for s in items]
-    paths = [s.path for s in items]
-    chunks = [paths[i : i + 2 * bs] for i in range(0, len(paths), 2 * bs)]  # CLIP then DINO while decoded
-    clip_img, dino_img = map(torch.cat, zip(*[(clip_cache.get(c, load), dino_cache.get(c, load)) for c in chunks],
-                                            strict=True))  # (N, D) each
-    cos_t = clip_t(clip_img, clip_bb.embed_texts(texts))  # (N,)
-
-    rows, leak_rows = [], []
-    found: dict[int, list[Any]] = {}  # sample index -> its instances (far.subjects.Subject)
-    crops = _Crops([], [])  # instance crops: owner (i, instance index); attention crops: owner (i, concept)
-    for i, s in enumerate(items):
-        row = {"prompt_idx": s.prompt_idx, "seed": s.seed, "kind": s.kind, "concepts": "+".join(s.concepts),
-               "prompt": s.prompt, "clip_prompt": texts[i], "path": s.path.name,
-               "clip_t": float(cos_t[i]), "clipscore": float(clipscore(cos_t[i])),
-               "clip_i": _mean_or_nan([mean_pairwise(clip_img[i : i + 1], clip_refs[c])[0] for c in s.concepts]),
-               "dino": _mean_or_nan([mean_pairwise(dino_img[i : i + 1], dino_refs[c])[0] for c in s.concepts])}
-        rows.append(row)
-        if s.kind != "multi":
-            continue
-        image = load(s.path)
-        size = image.size
-        found[i] = finder(image, [class_word[c] for c in s.concepts])  # pixels only: never the attention maps
-        for j, subject in enumerate(found[i]):
-            crops.add(s.path, ident.pad_box(subject.bbox, size, cfg.crop_padding), (i, j))
-        if not s.attention:
-            continue
-        maps = {c: ident.load_map(p) for c, p in zip(s.concepts, s.attention, strict=True)}
-        for (a, b), overlap in ident.leakage(maps).items():
-            leak_rows.append({"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed, "concept_a": a,
-                              "concept_b": b, "overlap": overlap})
-        if segmenter is None:  # eval.regions: attention -> (S, S) regions
-            regions = ident.attention_regions(maps, cfg.region_threshold)
-        else:  # eval.regions: segment -> (H, W) regions: the foreground split by the largest map
-            maps = {c: ident.upsample(m, size) for c, m in maps.items()}
-            regions = ident.segment_regions(maps, segmenter(np.asarray(image), s.path))
-        for c, m in maps.items():
-            crops.add(s.path, ident.region_bbox(regions[c], m, size, cfg.crop_padding), (i, c))
-
+    ref_emb = _embed_references(refs, clip_cache, dino_cache, load)  # references first: batches (so floats) as before
+    scores = _score_images(items, ref_emb, concepts, cfg, scorers, clip_cache, dino_cache, load)
     names = [c.name for c in concepts.subjects]
-    sims: dict[tuple[int, Any], dict[str, float]] = {}
-    if crops.keys:  # all identity crops of all images in one batched pass
-        embs = dino_cache.get(crops.keys, lambda k: load(k[0]) if k[1] == "whole" else load(k[0]).crop(k[1]))
-        for owner, emb in zip(crops.owners, embs, strict=True):
-            sims[owner] = {n: float(mean_pairwise(emb[None], dino_ref_crops[n])[0]) for n in names}
-    id_rows, attn_rows = [], []
-    for i, subjects in found.items():
-        s = items[i]
-        where = {"path": s.path.name, "prompt_idx": s.prompt_idx, "seed": s.seed}
-        size = load(s.path).size
-        matrix = np.array([[sims[(i, j)][c] for c in s.concepts] for j in range(len(subjects))])
-        for c, j in ident.assign(list(s.concepts), matrix.reshape(-1, len(s.concepts))).items():
-            box = None if j is None else ident.pad_box(subjects[j].bbox, size, cfg.crop_padding)
-            v = ident.judge(c, j is not None, box, sims[(i, j)] if j is not None else dict.fromkeys(names, math.nan))
-            id_rows.append(where | {"concept": c, "instance": j, "n_subjects": len(subjects)} | _verdict(v))
-        for c in (s.concepts if s.attention else ()):
-            box = crops.keys[crops.owners.index((i, c))][1]
-            v = ident.judge(c, box != "whole", None if box == "whole" else box, sims[(i, c)])
-            attn_rows.append(where | {"concept": c} | _verdict(v))
-    per_image = pd.DataFrame(rows)
-    identity = pd.DataFrame(id_rows)
-    attn_identity = pd.DataFrame(attn_rows)
-    leak = pd.DataFrame(leak_rows)
-    for df, prefix in ((identity, ""), (attn_identity, "attn_")):
-        if len(df):
-            by_image = df.groupby("path").agg(**{f"{prefix}identity_accuracy": ("correct", "mean"),
-                                                 f"{prefix}identity_mixing": ("mixing", "mean")})
-            per_image = per_image.merge(by_image, how="left", left_on="path", right_index=True)
-    if len(leak):
-        per_image = per_image.merge(leak.groupby("path").overlap.mean().rename("attn_leakage"), how="left",
-                                    left_on="path", right_index=True)
+    identity, attn_identity = _judge_identities(items, ref_emb, names, cfg, scores, dino_cache, load)
+    leak = pd.DataFrame(scores.leak_rows)
+    per_image = _per_image_table(scores.rows, identity, attn_identity, leak)
     metric_seconds = time.perf_counter() - start
 
     metrics = summarize(per_image, identity, attn_identity, leak)
-    if truths:  # the world verdict (far/world/verdict.py): the oracle's reading of every sample vs. world.json
+    tables_world: dict[str, pd.DataFrame] = {}
+    if scorers.truths:  # the world verdict (far/world/verdict.py): the oracle's reading of every sample vs. truth
         from far.world.verdict import verdict
 
-        metrics["world"], tables_world["world"], tables_world["world_prompts"] = verdict(items, oracle, truths, load)
+        metrics["world"], tables_world["world"], tables_world["world_prompts"] = verdict(
+            items, scorers.oracle, scorers.truths, load)
         metrics = _clean(metrics)
-    labels = {
-        "clip": clip_bb.name, "dino": dino_bb.name, "clip_sha256": clip_bb.sha256, "dino_sha256": dino_bb.sha256,
-        "subject_finder": finder.label if finder is not None else None,
-        "oracle": oracle.label if oracle is not None else None,
-        "identity": f"dino crops of found subjects (padding {cfg.crop_padding}), Hungarian assignment",
-        "attn_identity": (f"dino crops of {cfg.regions} regions (" + (f"threshold {cfg.region_threshold}"
-                          if segmenter is None else f"segment backend {segmenter.label}") +
-                          f", padding {cfg.crop_padding}); a diagnostic: reads the trained attention maps"),
-    }
-    scores = [c for c in per_image.columns if c in PER_IMAGE_SCORES]
+    scored = [c for c in per_image.columns if c in PER_IMAGE_SCORES]
     per_prompt = (per_image.groupby(["prompt_idx", "kind", "concepts", "prompt"], sort=True)
-                  .agg(**{m: (m, "mean") for m in scores}, n_images=("seed", "size")).reset_index())
+                  .agg(**{m: (m, "mean") for m in scored}, n_images=("seed", "size")).reset_index())
     tables = {"per_image": per_image, "per_prompt": per_prompt, "identity": identity, "attn_identity": attn_identity,
               "attn_leakage": leak} | tables_world
     run = {
         "images": len(items), "backbone_load_seconds": load_seconds, "metric_seconds": metric_seconds,
         "images_per_second": len(items) / metric_seconds if metric_seconds > 0 else None,
         "embeddings_computed_clip": clip_cache.computed, "embeddings_computed_dino": dino_cache.computed,
-        "identity_crops": len(crops.keys), "device": str(clip_bb.device), "backbones": labels,
+        "identity_crops": len(scores.crops.keys), "device": str(scorers.clip.device),
+        "backbones": _labels(scorers, cfg),
     }
     return metrics, tables, run
 
