@@ -52,7 +52,8 @@ def made(tmp_path_factory) -> dict[str, Path]:
     Oracle(PixelNet(8), SubjectNet(8), 64).save(oracle, seed=11, steps=5)
     write_json(root / "oracle.safetensors.json", run_record("far world oracle --steps 5", 11, 5, 3.0))
     clip_ckpt = root / "clip.pt"
-    save_clip(build_clip(ClipTrainConfig(width=64, layers=1, embed_dim=16, patch=16)), clip_ckpt)
+    small = ClipTrainConfig(width=64, layers=1, vision_width=128, vision_layers=1, embed_dim=16, patch=16)
+    save_clip(build_clip(small), clip_ckpt)
     clip_record = root / "clip-run.json"
     write_json(clip_record, run_record("far world clip --steps 4", 2000, 4, 2.0))
     dest = root / "weights"
@@ -189,6 +190,7 @@ def test_oracle_and_clip_load_only_through_their_checked_hash(weights):
     assert oracle.resolution == 64 and oracle.pixel.stem.out_channels == 8
     model, _ = clip.load(str(verified_path("clip.pt")), device="cpu", jit=False)
     assert model.visual.input_resolution == 64
+    assert model.visual.conv1.out_channels == 128 and model.ln_final.weight.shape == (64,)  # towers of two widths
     _truncate(weights / "clip.pt")
     with pytest.raises(WorldWeightsError, match=r"clip.pt: truncated .* expected sha256 [0-9a-f]{64}, found"):
         verified_path("clip.pt")

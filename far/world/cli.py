@@ -85,6 +85,7 @@ def oracle_cmd(
     work: Path = typer.Option(Path(".world/pretrain"), help="pretrain work folder (its trained VAE is used)"),
     out: Path = typer.Option(Path(".world/oracle.safetensors"), help="oracle weights to write"),
     steps: int = typer.Option(1500),
+    subject_width: int = typer.Option(32, help="channels of the crop reader's first block (SubjectNet)"),
     threads: int = typer.Option(1),
 ) -> None:
     """Train the oracle on renders and their VAE round trips; print its held-out accuracy."""
@@ -96,12 +97,13 @@ def oracle_cmd(
     from far.world.weights import run_record, write_record
 
     torch.set_num_threads(threads)
-    cfg = OracleTrainConfig(steps=steps)
+    cfg = OracleTrainConfig(steps=steps, subject_width=subject_width)
     vae = _load_vae(work)
     t0 = time.perf_counter()
     oracle = train_oracle(cfg, vae)
     oracle.save(out, seed=cfg.seed, steps=cfg.steps, scenes=cfg.scenes)
-    command = f"far world oracle --work {work} --out {out} --steps {steps} --threads {threads}"
+    command = (f"far world oracle --work {work} --out {out} --steps {steps} --subject-width {subject_width} "
+               f"--threads {threads}")
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes)
     write_record(out, record)  # what export reads
     images, _, _, scenes = render_set(cfg.seed + 500, 500, cfg.resolution)
@@ -115,6 +117,8 @@ def clip_cmd(
     out: Path = typer.Option(Path(".world/clip.pt"), help="CLIP checkpoint to write"),
     steps: int = typer.Option(600),
     hard_negatives: bool = typer.Option(True, help="class- and body-swapped captions as negatives"),
+    vision_width: int = typer.Option(64, help="image tower width (heads = width // 64)"),
+    vision_layers: int = typer.Option(2, help="image tower transformer layers"),
     threads: int = typer.Option(1),
 ) -> None:
     """Train the world CLIP contrastively on scenes and captions; print (and record) its held-out zero-shot
@@ -129,7 +133,8 @@ def clip_cmd(
     from far.world.weights import run_record, write_record
 
     torch.set_num_threads(threads)
-    cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives)
+    cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives, vision_width=vision_width,
+                          vision_layers=vision_layers)
     t0 = time.perf_counter()
     model = train_clip(cfg, _load_vae(work))
     save_clip(model, out)
@@ -137,7 +142,8 @@ def clip_cmd(
     scenes = [sample_scene(rng, 1) for _ in range(500)]
     held_out = zero_shot(model, scenes, np.stack([render(s, cfg.resolution)[0] for s in scenes]))
     flag = "--hard-negatives" if hard_negatives else "--no-hard-negatives"
-    command = f"far world clip --work {work} --out {out} --steps {steps} {flag} --threads {threads}"
+    command = (f"far world clip --work {work} --out {out} --steps {steps} {flag} --vision-width {vision_width} "
+               f"--vision-layers {vision_layers} --threads {threads}")
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes,
                         held_out_zero_shot=held_out)
     write_record(out, record)

@@ -44,8 +44,10 @@ class ClipTrainConfig:
     lr: float = 1e-3
     resolution: int = 64
     patch: int = 8
-    width: int = 64  # clip-anytorch derives heads = width // 64
+    width: int = 64  # text tower; clip-anytorch derives heads = width // 64
     layers: int = 2
+    vision_width: int = 64  # image tower, which reads colours and shapes: it can be larger than the text tower
+    vision_layers: int = 2
     embed_dim: int = 64
     caption_dropout: CaptionDropout = CaptionDropout(body=0.3, part=0.5, pattern=0.5, background=0.5)
     hard_negatives: bool = True  # a class-swapped and a body-swapped caption per caption, as negatives
@@ -96,8 +98,8 @@ def build_clip(cfg: ClipTrainConfig):  # noqa: ANN201 - clip.model.CLIP, importe
     from clip.model import CLIP
 
     torch.manual_seed(cfg.seed)
-    return CLIP(embed_dim=cfg.embed_dim, image_resolution=cfg.resolution, vision_layers=cfg.layers,
-                vision_width=cfg.width, vision_patch_size=cfg.patch, context_length=77, vocab_size=49408,
+    return CLIP(embed_dim=cfg.embed_dim, image_resolution=cfg.resolution, vision_layers=cfg.vision_layers,
+                vision_width=cfg.vision_width, vision_patch_size=cfg.patch, context_length=77, vocab_size=49408,
                 transformer_width=cfg.width, transformer_heads=cfg.width // 64, transformer_layers=cfg.layers)
 
 
