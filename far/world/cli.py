@@ -117,8 +117,8 @@ def clip_cmd(
     out: Path = typer.Option(Path(".world/clip.pt"), help="CLIP checkpoint to write"),
     steps: int = typer.Option(600),
     hard_negatives: bool = typer.Option(True, help="class- and body-swapped captions as negatives"),
-    vision_width: int = typer.Option(64, help="image tower width (heads = width // 64)"),
-    vision_layers: int = typer.Option(2, help="image tower transformer layers"),
+    vision_width: int = typer.Option(128, help="image tower width (heads = width // 64)"),
+    vision_layers: int = typer.Option(3, help="image tower transformer layers"),
     threads: int = typer.Option(1),
 ) -> None:
     """Train the world CLIP contrastively on scenes and captions; print (and record) its held-out zero-shot

@@ -46,8 +46,10 @@ class ClipTrainConfig:
     patch: int = 8
     width: int = 64  # text tower; clip-anytorch derives heads = width // 64
     layers: int = 2
-    vision_width: int = 64  # image tower, which reads colours and shapes: it can be larger than the text tower
-    vision_layers: int = 2
+    # The image tower reads shapes and colours: 128 wide x 3 layers read class zero-shot at 97 % where 64 x 2 (the
+    # text tower's size) read 91 % (README, "How good it is").
+    vision_width: int = 128
+    vision_layers: int = 3
     embed_dim: int = 64
     caption_dropout: CaptionDropout = CaptionDropout(body=0.3, part=0.5, pattern=0.5, background=0.5)
     hard_negatives: bool = True  # a class-swapped and a body-swapped caption per caption, as negatives
