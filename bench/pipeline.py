@@ -1,18 +1,22 @@
 """Time the embedded default pipeline stage by stage, as a new user meets it.
 
     python bench/pipeline.py            # -> reports/bench/pipeline.json
+    python bench/pipeline.py --params configs/dreambench-tiny.yaml --out reports/bench/pipeline-tiny.json
 
 Clones the committed project (HEAD) into a temporary directory, then runs `dvc repro --single-item <stage>`
 for every stage in graph order under `/usr/bin/time -v`, recording wall seconds and peak RSS of each
-(the stage's own process tree: DVC plus the stage command). Installation is not included.
+(the stage's own process tree: DVC plus the stage command). Installation is not included. `--params` copies
+another parameter file over the clone's params.yaml first (the tiny default of before, to compare on one machine).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,23 +48,29 @@ def _timed(cmd: list[str], cwd: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=None, help="parameter file to run instead of params.yaml")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports/bench/pipeline.json")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="far-bench-") as tmp:
         project = Path(tmp) / "far"
         _clone(project)
+        if args.params is not None:
+            shutil.copyfile(args.params, project / "params.yaml")
         stages = {stage: _timed([sys.executable, "-m", "dvc", "repro", "--single-item", stage], project)
                   for stage in STAGES}
         again = _timed([sys.executable, "-m", "dvc", "repro"], project)
     result = {
-        "command": "python bench/pipeline.py",
+        "command": "python bench/pipeline.py" + (f" --params {args.params}" if args.params else ""),
+        "params": str(args.params or "params.yaml"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "stages": stages,
         "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
         "max_peak_rss_mib": max(s["peak_rss_mib"] for s in stages.values()),
         "repro_again_seconds": again["seconds"],
     }
-    out = ROOT / "reports/bench/pipeline.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
