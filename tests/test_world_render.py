@@ -7,7 +7,7 @@ import pytest
 
 from far.world import render as render_module
 from far.world.captions import caption, subject_phrase
-from far.world.render import Scene, Subject, render, sample_scene
+from far.world.render import Scene, Subject, coverage, render, sample_scene
 
 # A hand-built occlusion: the dog stands behind (smaller cy) and the cat, nearer, covers its right half.
 BACK = Subject("dog", "red", "blue", "plain", cx=0.4, cy=0.55, size=0.5)
@@ -81,3 +81,18 @@ def test_captions_name_subjects_left_to_right_from_the_ground_truth():
 )
 def test_subject_phrases_and_articles(subject, kwargs, phrase):
     assert subject_phrase(subject, **kwargs) == phrase
+
+
+def test_coverage_is_where_the_subjects_and_their_part_colour_are_drawn():
+    plain = Scene("snow", (Subject("dog", "red", "blue", "plain", cx=0.5, cy=0.6, size=0.6),))
+    image, masks = render(plain)
+    subject, accent = coverage(plain)
+    assert subject.shape == accent.shape == masks.shape[1:]
+    assert 0 <= accent.min() and accent.max() <= 1 and np.all(accent <= subject)
+    assert np.all(subject[masks[0]] >= 0.5) and np.all(subject[~masks[0]] <= 0.5)  # the mask is its majority
+    blue = np.all(image == (35, 75, 215), axis=-1)
+    assert blue.any() and np.all(accent[blue] == 1.0)  # the ears: drawn in the part colour
+    assert accent[masks[0]].mean() < 0.1  # a plain dog is almost all body colour
+    striped = Scene("snow", (Subject("dog", "red", "blue", "stripes", cx=0.5, cy=0.6, size=0.6),))
+    assert 0.35 < coverage(striped)[1][masks[0]].mean() < 0.6  # stripes: almost half of it
+    assert not coverage(Scene("grass"))[0].any()

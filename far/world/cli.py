@@ -80,6 +80,48 @@ def _load_vae(work: Path):  # noqa: ANN202 - diffusers AutoencoderKL
     return vae
 
 
+@app.command("decoder")
+def decoder_cmd(
+    snapshot: Path = typer.Option(Path("far/world/weights/base"), help="base model (diffusers directory) to improve"),
+    work: Path = typer.Option(Path(".world/decoder"), help="work folder: the resumable checkpoint"),
+    out: Path = typer.Option(Path(".world/base_decoder"), help="the snapshot with the tuned VAE, to write"),
+    steps: int = typer.Option(2000),
+    threads: int = typer.Option(1),
+) -> None:
+    """Fine-tune the base model's VAE decoder (encoder frozen: the latent space is unchanged) so that parts
+    keep their colours; writes the whole snapshot with the new VAE and `<out>.json`, its provenance record."""
+    import shutil
+    import time
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from far.io import atomic_dir
+    from far.world.decoder import DecoderTuneConfig, tune_decoder
+    from far.world.weights import base_provenance, run_record, write_record
+
+    torch.set_num_threads(threads)
+    cfg = DecoderTuneConfig(steps=steps)
+    vae = AutoencoderKL.from_pretrained(snapshot / "vae", torch_dtype=torch.float32)
+    t0 = time.perf_counter()
+    vae = tune_decoder(cfg, vae, work)
+    wall = time.perf_counter() - t0
+    with atomic_dir(out) as tmp:
+        shutil.copytree(snapshot, tmp, dirs_exist_ok=True)
+        shutil.rmtree(tmp / "vae")
+        vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    command = f"far world decoder --snapshot {snapshot} --work {work} --out {out} --steps {steps} --threads {threads}"
+    own = run_record(command, cfg.seed, cfg.steps, wall, config=cfg.to_dict())
+    before = base_provenance(snapshot)
+    record = before | {
+        "command": " && ".join(c for c in (before.get("command"), command) if c),
+        "wall_time_s": round(float(before.get("wall_time_s", 0.0)) + own["wall_time_s"], 1),
+        "decoder": own,
+    }
+    write_record(out, record)
+    print(f"wrote {out} and {out}.json")
+
+
 @app.command("oracle")
 def oracle_cmd(
     work: Path = typer.Option(Path(".world/pretrain"), help="pretrain work folder (its trained VAE is used)"),
@@ -117,6 +159,7 @@ def clip_cmd(
     out: Path = typer.Option(Path(".world/clip.pt"), help="CLIP checkpoint to write"),
     steps: int = typer.Option(600),
     hard_negatives: bool = typer.Option(True, help="class- and body-swapped captions as negatives"),
+    exchange_images: bool = typer.Option(False, help="body/part-exchanged scenes as image (and caption) negatives"),
     vision_width: int = typer.Option(128, help="image tower width (heads = width // 64)"),
     vision_layers: int = typer.Option(3, help="image tower transformer layers"),
     threads: int = typer.Option(1),
@@ -133,7 +176,8 @@ def clip_cmd(
     from far.world.weights import run_record, write_record
 
     torch.set_num_threads(threads)
-    cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives, vision_width=vision_width,
+    cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives, exchange_images=exchange_images,
+                          vision_width=vision_width,
                           vision_layers=vision_layers)
     t0 = time.perf_counter()
     model = train_clip(cfg, _load_vae(work))
@@ -142,6 +186,7 @@ def clip_cmd(
     scenes = [sample_scene(rng, 1) for _ in range(500)]
     held_out = zero_shot(model, scenes, np.stack([render(s, cfg.resolution)[0] for s in scenes]))
     flag = "--hard-negatives" if hard_negatives else "--no-hard-negatives"
+    flag += " --exchange-images" if exchange_images else ""
     command = (f"far world clip --work {work} --out {out} --steps {steps} {flag} --vision-width {vision_width} "
                f"--vision-layers {vision_layers} --threads {threads}")
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes,

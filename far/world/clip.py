@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,13 +54,21 @@ class ClipTrainConfig:
     embed_dim: int = 64
     caption_dropout: CaptionDropout = CaptionDropout(body=0.3, part=0.5, pattern=0.5, background=0.5)
     hard_negatives: bool = True  # a class-swapped and a body-swapped caption per caption, as negatives
+    # Per scene, the scene with one subject's body and part colours exchanged, rendered: an image-side negative
+    # for the caption (and its caption a text-side one). A striped subject is almost half part colour, so only
+    # images tell the image tower which of its two colours the caption calls its body.
+    exchange_images: bool = False
 
 
 def swapped(scene: Scene, rng: np.random.Generator, field: str) -> Scene:
     """The scene with one random subject's `field` ("cls" or "body") changed to another value; a new body
-    colour is never the subject's part colour (the renderer forbids it)."""
+    colour is never the subject's part colour (the renderer forbids it). `field` "exchange": that subject's
+    body and part colours exchanged."""
     k = int(rng.integers(len(scene.subjects)))
     s: Subject = scene.subjects[k]
+    if field == "exchange":
+        changed = replace(s, body=s.part, part=s.body)
+        return replace(scene, subjects=scene.subjects[:k] + (changed,) + scene.subjects[k + 1:])
     if field == "cls":
         options = [c for c in CLASSES if c != s.cls]
     else:
@@ -68,31 +77,46 @@ def swapped(scene: Scene, rng: np.random.Generator, field: str) -> Scene:
     return replace(scene, subjects=scene.subjects[:k] + (changed,) + scene.subjects[k + 1:])
 
 
+class Captions(NamedTuple):
+    texts: list[str]  # one per scene
+    negatives: list[str]  # per scene, in order: class-swapped, body-swapped (hard_negatives), exchanged (exchange)
+    exchanged: list[tuple[Scene, str]]  # per scene with `exchange`: the exchanged scene and its caption
+
+
 def captions_with_negatives(scenes: list[Scene], dropout: CaptionDropout, rng: np.random.Generator,
-                            hard_negatives: bool) -> tuple[list[str], list[str]]:
-    """One caption per scene, and (with `hard_negatives`) its class-swapped and body-swapped versions, each
-    drawn with the same dropout as the caption (same seed, same draws), so that only the swap differs."""
-    texts, negatives = [], []
+                            hard_negatives: bool, exchange: bool = False) -> Captions:
+    """One caption per scene, and its class-swapped and body-swapped versions (`hard_negatives`) and its
+    body/part-exchanged version (`exchange`), each drawn with the same dropout as the caption (same seed,
+    same draws), so that only the swap differs."""
+    texts, negatives, exchanged = [], [], []
+    fields = (("cls", "body") if hard_negatives else ()) + (("exchange",) if exchange else ())
     for scene in scenes:
         seed = int(rng.integers(2**63))
         texts.append(dropout(scene, np.random.default_rng(seed)))
-        if hard_negatives:
-            for field in ("cls", "body"):
-                negatives.append(dropout(swapped(scene, rng, field), np.random.default_rng(seed)))
-    return texts, negatives
+        for field in fields:
+            other = swapped(scene, rng, field)
+            negatives.append(dropout(other, np.random.default_rng(seed)))
+            if field == "exchange":
+                exchanged.append((other, negatives[-1]))
+    return Captions(texts, negatives, exchanged)
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, texts: list[str],
-                     negatives: list[str], scale: torch.Tensor) -> torch.Tensor:
+                     negatives: list[str], scale: torch.Tensor, neg_img: torch.Tensor | None = None,
+                     neg_img_texts: list[str] = ()) -> torch.Tensor:
     """Symmetric InfoNCE over B images and B captions, unit embeddings img, txt (B, D); neg (N, D) are extra
-    captions in the image-to-text direction only. Every caption identical to an image's own is a positive
-    for it (captions repeat: "a dog"; a body swap under dropped body colour is the caption itself)."""
+    captions in the image-to-text direction only, neg_img (M, D) extra images (captioned `neg_img_texts`) in
+    the text-to-image direction only. Every caption identical to an image's own is a positive for it
+    (captions repeat: "a dog"; a body swap under dropped body colour is the caption itself), in both directions."""
     all_texts = texts + negatives
     logits = scale * img @ torch.cat([txt, neg]).t()  # (B, B + N)
     same = torch.tensor([[a == b for b in all_texts] for a in texts], dtype=torch.float32)
     i2t = torch.sum(-(same / same.sum(1, keepdim=True)) * logits.log_softmax(1), 1).mean()
-    same_t = same[:, : len(texts)]
-    t2i = torch.sum(-(same_t / same_t.sum(1, keepdim=True)) * logits[:, : len(texts)].t().log_softmax(1), 1).mean()
+    images = img if neg_img is None else torch.cat([img, neg_img])
+    image_texts = texts + list(neg_img_texts)
+    logits_t = scale * txt @ images.t()  # (B, B + M)
+    same_t = torch.tensor([[a == b for b in image_texts] for a in texts], dtype=torch.float32)
+    t2i = torch.sum(-(same_t / same_t.sum(1, keepdim=True)) * logits_t.log_softmax(1), 1).mean()
     return 0.5 * (i2t + t2i)
 
 
@@ -129,20 +153,36 @@ def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50):  # noqa: ANN201
         idx = rng.choice(len(scenes), cfg.batch_size, replace=False)
         use_trip = rng.random(cfg.batch_size) < 0.5
         batch = np.where(use_trip[:, None, None, None], trips[idx], images[idx])
-        texts, negatives = captions_with_negatives([scenes[i] for i in idx], cfg.caption_dropout, rng,
-                                                   cfg.hard_negatives)
+        caps = captions_with_negatives([scenes[i] for i in idx], cfg.caption_dropout, rng, cfg.hard_negatives,
+                                       cfg.exchange_images)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
-        img = F.normalize(model.encode_image(clip_input(batch)), dim=-1)
-        all_txt = F.normalize(model.encode_text(clip.tokenize(texts + negatives)), dim=-1)
-        loss = contrastive_loss(img, all_txt[: len(texts)], all_txt[len(texts):], texts, negatives,
-                                model.logit_scale.exp().clamp(max=100))
+        if caps.exchanged:
+            batch = np.concatenate([batch, exchanged_images([s for s, _ in caps.exchanged], use_trip, vae,
+                                                            cfg.resolution)])
+        embedded = F.normalize(model.encode_image(clip_input(batch)), dim=-1)
+        img, neg_img = embedded[: cfg.batch_size], embedded[cfg.batch_size:]
+        all_txt = F.normalize(model.encode_text(clip.tokenize(caps.texts + caps.negatives)), dim=-1)
+        loss = contrastive_loss(img, all_txt[: len(caps.texts)], all_txt[len(caps.texts):], caps.texts,
+                                caps.negatives, model.logit_scale.exp().clamp(max=100), neg_img,
+                                [c for _, c in caps.exchanged])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % log_every == 0:
             progress("clip", step + 1, cfg.steps, 0, t0, loss=loss.item())
     return model.eval()
+
+
+def exchanged_images(scenes: list[Scene], use_trip: np.ndarray, vae, resolution: int) -> np.ndarray:  # noqa: ANN001
+    """Renders of `scenes` (B, H, W, 3) uint8, round tripped through the VAE where `use_trip` (B,) says, as
+    the images they are negatives for."""
+    from far.world.oracle_train import round_trip
+
+    images = np.stack([render(s, resolution)[0] for s in scenes])
+    if use_trip.any():
+        images[use_trip] = round_trip(vae, images[use_trip])
+    return images
 
 
 def save_clip(model, path: Path) -> None:

@@ -102,6 +102,16 @@ def _save_state(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def resume_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load a {"model", "optimizer", "step"} checkpoint (if `path` exists) into model and opt; its step, else 0."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
 def train_vae(cfg: PretrainConfig, work: Path, images: np.ndarray):
     """Train (or resume) the VAE; returns it once `vae_steps` are done (also saved as work/vae)."""
     done_dir = work / "vae"
@@ -115,12 +125,8 @@ def train_vae(cfg: PretrainConfig, work: Path, images: np.ndarray):
         return vae.eval()
     vae = build_vae(cfg.model, cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    ckpt, start = work / "vae.ckpt", 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
+    ckpt = work / "vae.ckpt"
+    start = resume_state(ckpt, vae, opt)
     vae.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.vae_steps):

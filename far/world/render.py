@@ -181,15 +181,13 @@ def render_background(kind: str, n: int, seed: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ render
-def render(scene: Scene, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels and masks of one scene.
-
-    Returns (image, masks): image (H, W, 3) uint8; masks (N, H, W) bool, one per subject in the scene's
-    order, each the subject's visible pixels after the subjects in front of it are drawn.
-    """
+def _draw(scene: Scene, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scene at SUPERSAMPLE x `resolution`: image (n, n, 3) float, owner (n, n) int16 (0 background,
+    i + 1 subject i, visible) and accent (n, n) bool (drawn in a subject's part colour: its part and pattern)."""
     n = resolution * SUPERSAMPLE
     img = render_background(scene.background, n, scene.texture_seed)
-    owner = np.zeros((n, n), dtype=np.int16)  # 0 background, i + 1 subject i (visible)
+    owner = np.zeros((n, n), dtype=np.int16)
+    accent = np.zeros((n, n), dtype=bool)
     yy, xx = (np.mgrid[0:n, 0:n] + 0.5) / n
     for i in sorted(range(len(scene.subjects)), key=lambda j: scene.subjects[j].cy):  # back to front
         s = scene.subjects[i]
@@ -197,12 +195,27 @@ def render(scene: Scene, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
         if s.flip:
             u = -u
         body, part = _silhouette(s.cls, u, v)
-        accent = part | (body & _pattern(s.pattern, u, v))
+        drawn_accent = part | (body & _pattern(s.pattern, u, v))
         img[body] = COLOURS[s.body]
-        img[accent] = COLOURS[s.part]
+        img[drawn_accent] = COLOURS[s.part]
         owner[body] = i + 1
-    image = img.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        accent[body] = drawn_accent[body]
+    return img, owner, accent
+
+
+def _downsample(a: np.ndarray, resolution: int) -> np.ndarray:
+    """(n, n, ...) at SUPERSAMPLE x -> (resolution, resolution, ...) means."""
+    return a.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, *a.shape[2:]).mean(axis=(1, 3))
+
+
+def render(scene: Scene, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels and masks of one scene.
+
+    Returns (image, masks): image (H, W, 3) uint8; masks (N, H, W) bool, one per subject in the scene's
+    order, each the subject's visible pixels after the subjects in front of it are drawn.
+    """
+    img, owner, _ = _draw(scene, resolution)
+    image = np.clip(np.rint(_downsample(img, resolution)), 0, 255).astype(np.uint8)
     # Each pixel goes to whoever owns most of its sub-pixels, background included, so masks never overlap;
     # a tie goes to the nearer subject (a lone subject keeps every pixel it covers at least half of).
     k = len(scene.subjects)
@@ -212,6 +225,13 @@ def render(scene: Scene, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
     depth[1 + np.array(sorted(range(k), key=lambda j: scene.subjects[j].cy), dtype=np.int64)] = np.arange(1, k + 1)
     winner = (counts * (k + 1) + depth[:, None, None]).argmax(axis=0)  # (H, W)
     return image, winner[None] == np.arange(1, k + 1)[:, None, None]
+
+
+def coverage(scene: Scene, resolution: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(subject, accent): (H, W) float in [0, 1], the fraction of each pixel covered by any visible subject,
+    and by visible part-colour pixels (parts and pattern), the small regions a VAE most easily blurs away."""
+    _, owner, accent = _draw(scene, resolution)
+    return _downsample((owner > 0).astype(np.float32), resolution), _downsample(accent.astype(np.float32), resolution)
 
 
 # ------------------------------------------------------------------------------------------ sample

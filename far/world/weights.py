@@ -89,6 +89,16 @@ def _read_record(path: Path, what: str) -> dict[str, Any]:
     return record
 
 
+def base_provenance(snapshot: Path) -> dict[str, Any]:
+    """What is known of how a base-model snapshot was made: the manifest's `base` entry for the shipped one,
+    else the pretraining record inside it, else {}."""
+    snapshot = Path(snapshot)
+    if snapshot.resolve() == paths.BASE.resolve():
+        return {k: v for k, v in load_manifest()["base"].items() if k not in ("snapshot", "dtype", "record")}
+    pretrain_json = snapshot / PRETRAIN_RECORD
+    return _read_record(pretrain_json, "pretrain") if pretrain_json.is_file() else {}
+
+
 def _provenance(snapshot: Path, oracle: Path, clip_ckpt: Path, records: dict[str, Path | None]) -> dict[str, dict]:
     """Each component's provenance: what its weights say about themselves, overlaid by its record file."""
     from safetensors import safe_open
