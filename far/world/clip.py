@@ -68,12 +68,12 @@ def swapped(scene: Scene, rng: np.random.Generator, field: str) -> Scene:
     s: Subject = scene.subjects[k]
     if field == "exchange":
         changed = replace(s, body=s.part, part=s.body)
-        return replace(scene, subjects=scene.subjects[:k] + (changed,) + scene.subjects[k + 1:])
-    if field == "cls":
-        options = [c for c in CLASSES if c != s.cls]
     else:
-        options = [c for c in COLOUR_NAMES if c not in (s.body, s.part)]
-    changed = replace(s, **{field: options[int(rng.integers(len(options)))]})
+        if field == "cls":
+            options = [c for c in CLASSES if c != s.cls]
+        else:
+            options = [c for c in COLOUR_NAMES if c not in (s.body, s.part)]
+        changed = replace(s, **{field: options[int(rng.integers(len(options)))]})
     return replace(scene, subjects=scene.subjects[:k] + (changed,) + scene.subjects[k + 1:])
 
 
