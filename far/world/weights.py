@@ -308,9 +308,7 @@ def install_base(dest: Path, resolution: int) -> dict[str, Any]:
         if "_name_or_path" in getattr(component, "config", {}) and hasattr(component, "register_to_config"):
             component.register_to_config(_name_or_path=f"{shown}/{name}")
     pipe.save_pretrained(dest, safe_serialization=True)
-    return {
-        "source": "world", "weights": _shown(paths.WEIGHTS),
-        "manifest_sha256": file_sha256(paths.WEIGHTS / paths.MANIFEST.name),
-        "date": manifest.get("date"), "command": manifest.get("command"), "remake": manifest.get("remake"),
-        "provenance": manifest.get("base", {}), "files": files,
-    }
+    # Only the base model's own files and provenance: models/base is every later stage's input, so a re-export
+    # that changes only the oracle or the CLIP (the manifest's date, command, their entries) must not retrain.
+    return {"source": "world", "weights": _shown(paths.WEIGHTS), "provenance": manifest.get("base", {}),
+            "files": files}
