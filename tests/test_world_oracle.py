@@ -95,3 +95,16 @@ def test_accuracy_counts_each_kind_of_error_per_number_of_subjects():
     assert dropped["by_subjects"]["3"]["count"] == 0.0
     assert dropped["too_few"] == 0.75 and dropped["too_many"] == 0.0
     assert dropped["class"] == 1 - 3 / 8 and dropped["by_subjects"]["3"]["class"] == 2 / 3
+
+
+def test_the_version_mix_keeps_old_runs_reproducible_and_follows_the_render_share():
+    from far.world.oracle_train import _versions
+
+    # None is the uniform draw every oracle before oracle_v6 was trained with: the same numbers as before.
+    assert np.array_equal(_versions(np.random.default_rng(5), 64, None), np.random.default_rng(5).integers(0, 3, 64))
+    draws = np.concatenate([_versions(np.random.default_rng([1, s]), 32, 0.1) for s in range(200)])
+    shares = np.bincount(draws, minlength=3) / len(draws)
+    assert abs(shares[0] - 0.1) < 0.02 and abs(shares[1] - 0.45) < 0.03 and abs(shares[2] - 0.45) < 0.03
+    assert not (_versions(np.random.default_rng(2), 256, 0.0) == 0).any()  # no clean render at all
+    with pytest.raises(ValueError, match="render_share: 1.5"):
+        _versions(np.random.default_rng(0), 4, 1.5)

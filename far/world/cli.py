@@ -128,6 +128,9 @@ def oracle_cmd(
     out: Path = typer.Option(Path(".world/oracle.safetensors"), help="oracle weights to write"),
     steps: int = typer.Option(1500),
     subject_width: int = typer.Option(32, help="channels of the crop reader's first block (SubjectNet)"),
+    scenes: int = typer.Option(6000, help="rendered training scenes (each also round tripped, with and without noise)"),
+    render_share: float | None = typer.Option(
+        None, help="share of clean renders in a batch (the rest: round trips, half of them noisy); default: a third"),
     threads: int = typer.Option(1),
 ) -> None:
     """Train the oracle on renders and their VAE round trips; print its held-out accuracy."""
@@ -139,13 +142,17 @@ def oracle_cmd(
     from far.world.weights import run_record, write_record
 
     torch.set_num_threads(threads)
-    cfg = OracleTrainConfig(steps=steps, subject_width=subject_width)
+    if render_share is not None and not 0.0 <= render_share <= 1.0:
+        raise typer.BadParameter(f"{render_share} is not in [0, 1]", param_hint="--render-share")
+    cfg = OracleTrainConfig(steps=steps, subject_width=subject_width, scenes=scenes, render_share=render_share)
     vae = _load_vae(work)
     t0 = time.perf_counter()
     oracle = train_oracle(cfg, vae)
     oracle.save(out, seed=cfg.seed, steps=cfg.steps, scenes=cfg.scenes)
     command = (f"far world oracle --work {work} --out {out} --steps {steps} --subject-width {subject_width} "
-               f"--threads {threads}")
+               + (f"--scenes {scenes} " if scenes != 6000 else "")
+               + (f"--render-share {render_share} " if render_share is not None else "")
+               + f"--threads {threads}")
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes)
     write_record(out, record)  # what export reads
     images, _, _, scenes = render_set(cfg.seed + 500, 500, cfg.resolution)

@@ -36,6 +36,10 @@ class OracleTrainConfig:
     subject_width: int = 32
     resolution: int = 64
     latent_noise: tuple[float, float] = (0.1, 0.6)  # std range of the noise added to scaled latents
+    # Share of clean renders among the training images; the rest are split evenly between the round trips and the
+    # noisy round trips. None draws the three versions uniformly (as every oracle before oracle_v6 was trained).
+    # Everything the oracle reads in the pipeline has passed through the decoder, so renders can be rarer.
+    render_share: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +155,16 @@ def stage2_loss(subject: SubjectNet, x: torch.Tensor, scenes: list[Scene], masks
     return loss
 
 
+def _versions(rng: np.random.Generator, n: int, render_share: float | None) -> np.ndarray:
+    """(n,) indices into (render, round trip, noisy round trip) for one batch."""
+    if render_share is None:
+        return rng.integers(0, 3, n)
+    if not 0.0 <= render_share <= 1.0:
+        raise ValueError(f"oracle render_share: {render_share} is not in [0, 1]")
+    trip = (1.0 - render_share) / 2
+    return rng.choice(3, n, p=[render_share, trip, trip])
+
+
 def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50) -> Oracle:
     """Train both stages from scratch; returns the Oracle (eval mode)."""
     images, masks, bgs, scenes = render_set(cfg.seed, cfg.scenes, cfg.resolution)
@@ -168,7 +182,7 @@ def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50) -> Oracle:
         idx = rng.choice(len(images), cfg.batch_size, replace=False)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
-        x = to_input(versions[rng.integers(0, 3, cfg.batch_size), idx], cfg.resolution)
+        x = to_input(versions[_versions(rng, cfg.batch_size, cfg.render_share), idx], cfg.resolution)
         batch_masks = [masks[i] for i in idx]
         loss = stage1_loss(pixel, x, bgs[idx], fg[idx], body[idx], batch_masks)
         loss = loss + stage2_loss(subject, x, [scenes[i] for i in idx], batch_masks, rng)
