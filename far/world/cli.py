@@ -150,7 +150,7 @@ def oracle_cmd(
     oracle = train_oracle(cfg, vae)
     oracle.save(out, seed=cfg.seed, steps=cfg.steps, scenes=cfg.scenes)
     command = (f"far world oracle --work {work} --out {out} --steps {steps} --subject-width {subject_width} "
-               + (f"--scenes {scenes} " if scenes != 6000 else "")
+               + (f"--scenes {scenes} " if scenes != OracleTrainConfig.scenes else "")
                + (f"--render-share {render_share} " if render_share is not None else "")
                + f"--threads {threads}")
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes)
