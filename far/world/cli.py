@@ -131,6 +131,9 @@ def oracle_cmd(
     scenes: int = typer.Option(6000, help="rendered training scenes (each also round tripped, with and without noise)"),
     render_share: float | None = typer.Option(
         None, help="share of clean renders in a batch (the rest: round trips, half of them noisy); default: a third"),
+    init: Path | None = typer.Option(None, help="oracle weights to train on from (same widths), instead of scratch"),
+    seed: int = typer.Option(1000, help="draws the training scenes (held-out checks use seed + 500)"),
+    lr: float = typer.Option(2e-3, help="peak learning rate (cosine schedule)"),
     threads: int = typer.Option(1),
 ) -> None:
     """Train the oracle on renders and their VAE round trips; print its held-out accuracy."""
@@ -138,26 +141,74 @@ def oracle_cmd(
 
     import torch
 
+    from far.world.oracle import Oracle
     from far.world.oracle_train import OracleTrainConfig, accuracy, render_set, round_trip, train_oracle
-    from far.world.weights import run_record, write_record
+    from far.world.weights import record_path, run_record, write_record
 
     torch.set_num_threads(threads)
     if render_share is not None and not 0.0 <= render_share <= 1.0:
         raise typer.BadParameter(f"{render_share} is not in [0, 1]", param_hint="--render-share")
-    cfg = OracleTrainConfig(steps=steps, subject_width=subject_width, scenes=scenes, render_share=render_share)
+    cfg = OracleTrainConfig(steps=steps, subject_width=subject_width, scenes=scenes, render_share=render_share,
+                            seed=seed, lr=lr)
+    before = _init_record(init, "oracle")
     vae = _load_vae(work)
     t0 = time.perf_counter()
-    oracle = train_oracle(cfg, vae)
+    oracle = train_oracle(cfg, vae, init=Oracle.load(init) if init is not None else None)
     oracle.save(out, seed=cfg.seed, steps=cfg.steps, scenes=cfg.scenes)
     command = (f"far world oracle --work {work} --out {out} --steps {steps} --subject-width {subject_width} "
                + (f"--scenes {scenes} " if scenes != OracleTrainConfig.scenes else "")
                + (f"--render-share {render_share} " if render_share is not None else "")
-               + f"--threads {threads}")
+               + _start_flags(init, seed, lr, OracleTrainConfig()) + f"--threads {threads}")
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes)
+    if before is not None:
+        record = _chained(before, record, init)
     write_record(out, record)  # what export reads
     images, _, _, scenes = render_set(cfg.seed + 500, 500, cfg.resolution)
     print("held-out renders:", accuracy(oracle, scenes, images))
     print("held-out round trips:", accuracy(oracle, scenes, round_trip(vae, images)))
+    print(f"wrote {out} and {record_path(out)}")
+
+
+def _start_flags(init: Path | None, seed: int, lr: float, default) -> str:  # noqa: ANN001 - a train config
+    """The recorded command's --init/--seed/--lr: all three after --init, else those that differ from default."""
+    if init is not None:
+        return f"--init {init} --seed {seed} --lr {lr} "
+    return (f"--seed {seed} " if seed != default.seed else "") + (f"--lr {lr} " if lr != default.lr else "")
+
+
+def _init_record(init: Path | None, what: str) -> dict | None:
+    """The provenance record of the weights a run starts from, checked before minutes of work: `<init>.json`,
+    or for the shipped weights (verified first) their entry in MANIFEST.json."""
+    import json
+
+    from far.world import paths
+    from far.world.weights import check, load_manifest, record_path
+
+    if init is None:
+        return None
+    if not init.is_file():
+        raise typer.BadParameter(f"{init}: no such {what} weights file", param_hint="--init")
+    shipped = {"oracle": paths.ORACLE, "CLIP": paths.CLIP}[what]
+    if init.resolve() == shipped.resolve():
+        check(shipped.name)
+        return load_manifest()[what.lower()]
+    path = record_path(init)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"{path}: the record of the weights to start from could not be read ({exc}); "
+                                 "its provenance would be lost", param_hint="--init") from None
+
+
+def _chained(before: dict, own: dict, init: Path) -> dict:
+    """A record for weights trained on from `init`: its commands chained after the earlier ones, the wall time
+    summed, the earlier record kept whole under "init"."""
+    from far.io import file_sha256
+
+    return own | {"command": " && ".join(c for c in (before.get("command"), own["command"]) if c),
+                  "steps_total": int(before.get("steps_total", before.get("steps", 0))) + own["steps"],
+                  "wall_time_s": round(float(before.get("wall_time_s", 0.0)) + own["wall_time_s"], 1),
+                  "init": before | {"sha256": file_sha256(init)}}
 
 
 @app.command("clip")
@@ -169,10 +220,14 @@ def clip_cmd(
     exchange_images: bool = typer.Option(False, help="body/part-exchanged scenes as image (and caption) negatives"),
     vision_width: int = typer.Option(128, help="image tower width (heads = width // 64)"),
     vision_layers: int = typer.Option(3, help="image tower transformer layers"),
+    init: Path | None = typer.Option(None, help="CLIP checkpoint (same sizes) to train on from, instead of scratch"),
+    seed: int = typer.Option(2000, help="draws the training scenes (held-out checks use seed + 500)"),
+    lr: float = typer.Option(1e-3, help="peak learning rate (cosine schedule)"),
     threads: int = typer.Option(1),
 ) -> None:
     """Train the world CLIP contrastively on scenes and captions; print (and record) its held-out zero-shot
-    accuracy; `<out>.json` is the provenance record `far world export` reads."""
+    accuracy; `<out>.json` is the provenance record `far world export` reads. Resumable: the run checkpoints
+    to `<out>.ckpt` every 100 steps, and the same command, run again, goes on from there."""
     import time
 
     import numpy as np
@@ -180,14 +235,20 @@ def clip_cmd(
 
     from far.world.clip import ClipTrainConfig, save_clip, train_clip, zero_shot
     from far.world.render import render, sample_scene
-    from far.world.weights import run_record, write_record
+    from far.world.weights import record_path, run_record, write_record
 
     torch.set_num_threads(threads)
     cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives, exchange_images=exchange_images,
-                          vision_width=vision_width,
-                          vision_layers=vision_layers)
+                          vision_width=vision_width, vision_layers=vision_layers, seed=seed, lr=lr)
+    before = _init_record(init, "CLIP")
+    checkpoint = out.with_name(out.name + ".ckpt")
+    resumed_at = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]) \
+        if checkpoint.is_file() else 0
     t0 = time.perf_counter()
-    model = train_clip(cfg, _load_vae(work))
+    try:
+        model = train_clip(cfg, _load_vae(work), init=init, checkpoint=checkpoint)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--init / --out") from None
     save_clip(model, out)
     rng = np.random.default_rng(cfg.seed + 500)
     scenes = [sample_scene(rng, 1) for _ in range(500)]
@@ -195,8 +256,15 @@ def clip_cmd(
     flag = "--hard-negatives" if hard_negatives else "--no-hard-negatives"
     flag += " --exchange-images" if exchange_images else ""
     command = (f"far world clip --work {work} --out {out} --steps {steps} {flag} --vision-width {vision_width} "
-               f"--vision-layers {vision_layers} --threads {threads}")
+               f"--vision-layers {vision_layers} " + _start_flags(init, seed, lr, ClipTrainConfig())
+               + f"--threads {threads}")
     record = run_record(command, cfg.seed, cfg.steps, time.perf_counter() - t0, scenes=cfg.scenes,
                         held_out_zero_shot=held_out)
+    if resumed_at:
+        record["resumed_at_step"] = resumed_at  # wall_time_s counts this last run only
+    if before is not None:
+        record = _chained(before, record, init)
     write_record(out, record)
+    checkpoint.unlink(missing_ok=True)
     print("held-out zero-shot:", held_out)
+    print(f"wrote {out} and {record_path(out)}")

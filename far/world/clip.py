@@ -135,20 +135,27 @@ def clip_input(images: np.ndarray) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
-def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50):  # noqa: ANN201
-    """Train the world CLIP from scratch; returns the model (fp32, eval mode)."""
+def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50, init: Path | None = None,  # noqa: ANN001
+               checkpoint: Path | None = None, checkpoint_every: int = 100):  # noqa: ANN201
+    """Train the world CLIP, from scratch or on from `init` (a checkpoint `save_clip` wrote, of cfg's sizes);
+    returns the model (fp32, eval mode). With `checkpoint`, the model, optimiser and step are saved there every
+    `checkpoint_every` steps and a run finds and resumes them: batches are drawn from (seed, step), so a
+    resumed run ends with the weights of one that was never stopped."""
     import clip
 
     from far.world.oracle_train import round_trip
 
     rng0 = np.random.default_rng(cfg.seed)
     scenes = [sample_scene(rng0) for _ in range(cfg.scenes)]
+    model = build_clip(cfg).train()
+    if init is not None:
+        load_init(model, init)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
+    start = resume(checkpoint, cfg, init, model, opt) if checkpoint is not None else 0
     images = np.stack([render(s, cfg.resolution)[0] for s in scenes])
     trips = np.concatenate([round_trip(vae, images[i : i + 256]) for i in range(0, len(images), 256)])
-    model = build_clip(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(scenes), cfg.batch_size, replace=False)
         use_trip = rng.random(cfg.batch_size) < 0.5
@@ -156,7 +163,8 @@ def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50):  # noqa: ANN201
         caps = captions_with_negatives([scenes[i] for i in idx], cfg.caption_dropout, rng, cfg.hard_negatives,
                                        cfg.exchange_images)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+            # a float, not a numpy scalar: the optimiser state is checkpointed and read back with weights_only
+            g["lr"] = float(cfg.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
         if caps.exchanged:
             batch = np.concatenate([batch, exchanged_images([s for s, _ in caps.exchanged], use_trip, vae,
                                                             cfg.resolution)])
@@ -170,8 +178,46 @@ def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50):  # noqa: ANN201
         loss.backward()
         opt.step()
         if (step + 1) % log_every == 0:
-            progress("clip", step + 1, cfg.steps, 0, t0, loss=loss.item())
+            progress("clip", step + 1, cfg.steps, start, t0, loss=loss.item())
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(checkpoint, cfg, init, model, opt, step + 1)
     return model.eval()
+
+
+def load_init(model, init: Path) -> None:  # noqa: ANN001
+    """Loads a `save_clip` checkpoint into `model` (fp32); a checkpoint of other sizes is an error naming it."""
+    state = torch.load(init, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    wrong = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+    if wrong or set(state) - set(own):
+        raise ValueError(f"{init}: not a world CLIP of this config's sizes (keys missing or of other shapes: "
+                         f"{wrong[:3] or sorted(set(state) - set(own))[:3]}...)")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def _run_key(cfg: ClipTrainConfig, init: Path | None) -> dict:
+    return {"config": repr(cfg), "init": str(init) if init is not None else None}
+
+
+def save_checkpoint(path: Path, cfg: ClipTrainConfig, init: Path | None, model, opt, step: int) -> None:  # noqa: ANN001
+    with atomic_file(path) as tmp:
+        torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict()} | _run_key(cfg, init), tmp)
+
+
+def resume(path: Path, cfg: ClipTrainConfig, init: Path | None, model, opt) -> int:  # noqa: ANN001
+    """The step to start from: that of the checkpoint at `path` (loaded into model and opt), or 0 if none.
+    A checkpoint of another config or start is an error that names it: it is not silently overwritten."""
+    if not path.is_file():
+        return 0
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    key = _run_key(cfg, init)
+    if {k: saved.get(k) for k in key} != key:
+        raise ValueError(f"{path}: a checkpoint of another CLIP run ({saved.get('config')}, init "
+                         f"{saved.get('init')}); move it away or choose another --out")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    print(f"[clip] resuming from {path} at step {saved['step']}/{cfg.steps}")
+    return int(saved["step"])
 
 
 def exchanged_images(scenes: list[Scene], use_trip: np.ndarray, vae, resolution: int) -> np.ndarray:  # noqa: ANN001

@@ -165,15 +165,20 @@ def _versions(rng: np.random.Generator, n: int, render_share: float | None) -> n
     return rng.choice(3, n, p=[render_share, trip, trip])
 
 
-def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50) -> Oracle:
-    """Train both stages from scratch; returns the Oracle (eval mode)."""
+def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50, init: Oracle | None = None) -> Oracle:
+    """Train both stages, from scratch or on from `init` (an oracle of the same widths and resolution, whose
+    nets are trained in place); returns the Oracle (eval mode)."""
     images, masks, bgs, scenes = render_set(cfg.seed, cfg.scenes, cfg.resolution)
     rng0 = np.random.default_rng(cfg.seed)
     versions = np.stack([images, round_trip(vae, images),
                          round_trip(vae, images, rng0.uniform(*cfg.latent_noise, len(images)), cfg.seed)])
     fg, body = pixel_targets(masks, scenes, cfg.resolution)
     torch.manual_seed(cfg.seed)
-    pixel, subject = PixelNet(cfg.width), SubjectNet(cfg.subject_width)
+    if init is None:
+        pixel, subject = PixelNet(cfg.width), SubjectNet(cfg.subject_width)
+    else:
+        _check_init(cfg, init)
+        pixel, subject = init.pixel.train(), init.subject.train()
     params = list(pixel.parameters()) + list(subject.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     t0 = time.perf_counter()
@@ -192,6 +197,14 @@ def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50) -> Oracle:
         if (step + 1) % log_every == 0:
             progress("oracle", step + 1, cfg.steps, 0, t0, loss=loss.item())
     return Oracle(pixel, subject, cfg.resolution)
+
+
+def _check_init(cfg: OracleTrainConfig, init: Oracle) -> None:
+    found = {"width": init.pixel.stem.out_channels, "subject_width": init.subject.features[0][0].out_channels,
+             "resolution": init.resolution}
+    wanted = {k: getattr(cfg, k) for k in found}
+    if found != wanted:
+        raise ValueError(f"oracle init {init.label}: its {found} differ from the training config's {wanted}")
 
 
 def match(masks: np.ndarray, reading) -> list[tuple[int, int]]:
