@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from far.world.captions import CaptionDropout, caption
-from far.world.clip import captions_with_negatives, contrastive_loss, swapped
+from far.world.clip import captions_with_negatives, contrastive_loss, exchange_loss, swapped
 from far.world.render import sample_scene
 
 
@@ -105,3 +105,22 @@ def test_an_image_negative_costs_only_where_its_caption_differs():
         return neg.grad.norm().item()
 
     assert push("a red dog") < 1e-3 < 1.0 < push("a blue dog")
+
+
+def test_the_exchange_choice_is_chance_when_nothing_tells_the_pair_apart_and_small_when_everything_does():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(3, 8), dim=-1)
+    other = F.normalize(torch.randn(3, 8), dim=-1)
+    texts, ex_texts = ["a red dog", "a blue cat", "a cup"], ["a blue dog", "a red cat", "a cup"]
+    scale = torch.tensor(20.0)
+    # The exchanged image and caption embed as the scene's own: each choice is a coin toss, log 2.
+    same = exchange_loss(img, img, img, img, texts, ex_texts, scale)
+    torch.testing.assert_close(same, torch.log(torch.tensor(2.0)))
+    # The exchanged versions embed far away: both choices are easy.
+    apart = exchange_loss(img, img, -img, -img, texts, ex_texts, scale)
+    assert apart < 1e-6
+    # Only the third scene changes, and its captions are one: it is left out, the loss does not move.
+    moved = exchange_loss(img, img, torch.cat([-img[:2], other[2:]]), torch.cat([-img[:2], other[2:]]), texts,
+                          ex_texts, scale)
+    torch.testing.assert_close(moved, apart)
+    assert exchange_loss(img, img, img, img, ["a dog"] * 3, ["a dog"] * 3, scale) == 0

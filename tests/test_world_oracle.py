@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from far.errors import InvalidInputError
 from far.world import paths
-from far.world.oracle import MIN_AREA, Oracle, PixelNet, Reading, SubjectNet, centres, instances
+from far.world.oracle import MIN_AREA, Oracle, PixelNet, Reading, SubjectNet, centres, instances, mirrored_probs
 from far.world.oracle_train import accuracy, centre_loss, instance_targets, render_set
 from far.world.render import Scene, Subject, render, sample_scene
 from far.world.weights import verified_path
@@ -108,3 +108,15 @@ def test_the_version_mix_keeps_old_runs_reproducible_and_follows_the_render_shar
     assert not (_versions(np.random.default_rng(2), 256, 0.0) == 0).any()  # no clean render at all
     with pytest.raises(ValueError, match="render_share: 1.5"):
         _versions(np.random.default_rng(0), 4, 1.5)
+
+
+def test_a_subject_and_its_mirror_image_are_read_alike():
+    torch.manual_seed(0)
+    net, crops = SubjectNet(8).eval(), torch.randn(5, 4, 32, 32)
+    with torch.no_grad():
+        probs, of_mirror = mirrored_probs(net, crops), mirrored_probs(net, crops.flip(-1))
+        plain = {k: v.softmax(1).numpy() for k, v in net(crops).items()}
+    for head, p in probs.items():
+        np.testing.assert_allclose(p, of_mirror[head], atol=1e-6)
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+        assert not np.allclose(p, plain[head])  # the mirror image's reading is in it

@@ -14,7 +14,7 @@ from far.world.oracle import Oracle, PixelNet, SubjectNet
 from far.world.oracle_train import OracleTrainConfig, train_oracle
 
 SMALL_CLIP = ClipTrainConfig(scenes=24, steps=4, batch_size=6, width=64, layers=1, vision_width=64, vision_layers=1,
-                             embed_dim=16, patch=16, exchange_images=True)
+                             embed_dim=16, patch=16, exchange_images=True, exchange_weight=0.5)
 
 
 @pytest.fixture(scope="module")

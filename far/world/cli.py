@@ -218,6 +218,8 @@ def clip_cmd(
     steps: int = typer.Option(600),
     hard_negatives: bool = typer.Option(True, help="class- and body-swapped captions as negatives"),
     exchange_images: bool = typer.Option(False, help="body/part-exchanged scenes as image (and caption) negatives"),
+    exchange_weight: float = typer.Option(
+        0.0, help="weight of the per-scene choice between a scene and its exchanged version (needs --exchange-images)"),
     vision_width: int = typer.Option(128, help="image tower width (heads = width // 64)"),
     vision_layers: int = typer.Option(3, help="image tower transformer layers"),
     init: Path | None = typer.Option(None, help="CLIP checkpoint (same sizes) to train on from, instead of scratch"),
@@ -239,7 +241,11 @@ def clip_cmd(
 
     torch.set_num_threads(threads)
     cfg = ClipTrainConfig(steps=steps, hard_negatives=hard_negatives, exchange_images=exchange_images,
-                          vision_width=vision_width, vision_layers=vision_layers, seed=seed, lr=lr)
+                          vision_width=vision_width, vision_layers=vision_layers, seed=seed, lr=lr,
+                          exchange_weight=exchange_weight)
+    if exchange_weight and not exchange_images:
+        raise typer.BadParameter("needs --exchange-images (the exchanged scenes it chooses between)",
+                                 param_hint="--exchange-weight")
     before = _init_record(init, "CLIP")
     checkpoint = out.with_name(out.name + ".ckpt")
     resumed_at = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]) \
@@ -255,6 +261,7 @@ def clip_cmd(
     held_out = zero_shot(model, scenes, np.stack([render(s, cfg.resolution)[0] for s in scenes]))
     flag = "--hard-negatives" if hard_negatives else "--no-hard-negatives"
     flag += " --exchange-images" if exchange_images else ""
+    flag += f" --exchange-weight {exchange_weight}" if exchange_weight else ""
     command = (f"far world clip --work {work} --out {out} --steps {steps} {flag} --vision-width {vision_width} "
                f"--vision-layers {vision_layers} " + _start_flags(init, seed, lr, ClipTrainConfig())
                + f"--threads {threads}")

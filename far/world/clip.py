@@ -58,6 +58,10 @@ class ClipTrainConfig:
     # for the caption (and its caption a text-side one). A striped subject is almost half part colour, so only
     # images tell the image tower which of its two colours the caption calls its body.
     exchange_images: bool = False
+    # Weight of a two-way choice per scene (`exchange_loss`): its image against its exchanged image for its
+    # caption, its caption against the exchanged caption for its image. In the batch-wide softmax the exchanged
+    # image is one candidate of 2B, so the one distinction the striped subjects need is a small part of the loss.
+    exchange_weight: float = 0.0
 
 
 def swapped(scene: Scene, rng: np.random.Generator, field: str) -> Scene:
@@ -120,6 +124,22 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, te
     return 0.5 * (i2t + t2i)
 
 
+def exchange_loss(img: torch.Tensor, txt: torch.Tensor, ex_img: torch.Tensor, ex_txt: torch.Tensor,
+                  texts: list[str], ex_texts: list[str], scale: torch.Tensor) -> torch.Tensor:
+    """Mean two-way cross-entropy over B scenes, unit embeddings (B, D) each: image i must match caption i
+    better than the exchanged caption i, and caption i image i better than the exchanged image i. Scenes whose
+    exchanged caption is their caption (dropout removed both colours: nothing in the words tells them apart)
+    are left out; 0 if none is left."""
+    keep = torch.tensor([a != b for a, b in zip(texts, ex_texts, strict=True)])
+    if not keep.any():
+        return torch.zeros(())
+    right = scale * (img * txt).sum(1)
+    # -log softmax([right, wrong])[0] = softplus(wrong - right)
+    wrong_text, wrong_image = scale * (img * ex_txt).sum(1), scale * (ex_img * txt).sum(1)
+    both = F.softplus(wrong_text - right) + F.softplus(wrong_image - right)
+    return both[keep].mean() / 2
+
+
 def build_clip(cfg: ClipTrainConfig):  # noqa: ANN201 - clip.model.CLIP, imported lazily
     from clip.model import CLIP
 
@@ -145,6 +165,8 @@ def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50, init: Path | None
 
     from far.world.oracle_train import round_trip
 
+    if cfg.exchange_weight and not cfg.exchange_images:
+        raise ValueError(f"clip exchange_weight {cfg.exchange_weight}: needs exchange_images (the exchanged scenes)")
     rng0 = np.random.default_rng(cfg.seed)
     scenes = [sample_scene(rng0) for _ in range(cfg.scenes)]
     model = build_clip(cfg).train()
@@ -171,9 +193,12 @@ def train_clip(cfg: ClipTrainConfig, vae, log_every: int = 50, init: Path | None
         embedded = F.normalize(model.encode_image(clip_input(batch)), dim=-1)
         img, neg_img = embedded[: cfg.batch_size], embedded[cfg.batch_size:]
         all_txt = F.normalize(model.encode_text(clip.tokenize(caps.texts + caps.negatives)), dim=-1)
-        loss = contrastive_loss(img, all_txt[: len(caps.texts)], all_txt[len(caps.texts):], caps.texts,
-                                caps.negatives, model.logit_scale.exp().clamp(max=100), neg_img,
-                                [c for _, c in caps.exchanged])
+        txt, neg_txt = all_txt[: len(caps.texts)], all_txt[len(caps.texts):]
+        scale, ex_texts = model.logit_scale.exp().clamp(max=100), [c for _, c in caps.exchanged]
+        loss = contrastive_loss(img, txt, neg_txt, caps.texts, caps.negatives, scale, neg_img, ex_texts)
+        if cfg.exchange_weight:  # each scene's negatives end with its exchanged caption
+            ex_txt = neg_txt.view(cfg.batch_size, -1, neg_txt.shape[-1])[:, -1]
+            loss = loss + cfg.exchange_weight * exchange_loss(img, txt, neg_img, ex_txt, caps.texts, ex_texts, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

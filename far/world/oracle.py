@@ -116,6 +116,14 @@ def subject_crops(x: torch.Tensor, image_index: np.ndarray, masks: np.ndarray) -
     return roi_align(planes, boxes, output_size=CROP, spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
+def mirrored_probs(subject: SubjectNet, crops: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each head's probabilities (K, classes) for crops (K, 4, CROP, CROP), averaged over the crops and their
+    mirror images. World subjects face either way (`Subject.flip`), so the mirror image is as true a view as
+    the crop; on 3,000 held-out round-tripped scenes the average read part colour 0.5 points better (README)."""
+    seen, mirrored = subject(crops), subject(crops.flip(-1))
+    return {k: ((seen[k].softmax(1) + mirrored[k].softmax(1)) / 2).numpy() for k in seen}
+
+
 @dataclass(frozen=True)
 class SubjectReading:
     """One subject the oracle found: its labels, confidence (mean max-probability) and visible pixels."""
@@ -242,8 +250,7 @@ class Oracle:
             found = [instances(fg[j], offset[j], c) for j, c in enumerate(centres(pixel["centre"]))]
             index = np.array([j for j, rs in enumerate(found) for _ in rs], dtype=np.int64)
             masks = np.array([r for rs in found for r in rs]).reshape(-1, *fg.shape[1:])
-            probs = {k: v.softmax(1).numpy() for k, v in self.subject(subject_crops(x, index, masks)).items()} \
-                if len(masks) else {}
+            probs = mirrored_probs(self.subject, subject_crops(x, index, masks)) if len(masks) else {}
             k = 0
             for j, rs in enumerate(found):
                 subjects = []
