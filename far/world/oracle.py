@@ -223,6 +223,10 @@ class Oracle:
         subject.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("subject.")})
         return Oracle(pixel, subject, int(meta["resolution"]), label=f"world-oracle@{file_sha256(path)[:12]}")
 
+    def widths(self) -> dict[str, int]:
+        """The architecture's widths, as `save` writes them and `load` reads them back."""
+        return {"width": self.pixel.stem.out_channels, "subject_width": self.subject.features[0][0].out_channels}
+
     def save(self, path: Path | str, **metadata: str) -> None:
         """fp16 safetensors; the architecture (widths, resolution) and `metadata` in its header."""
         from safetensors.torch import save_file
@@ -231,7 +235,7 @@ class Oracle:
 
         tensors = {f"pixel.{k}": v for k, v in self.pixel.state_dict().items()}
         tensors |= {f"subject.{k}": v for k, v in self.subject.state_dict().items()}
-        widths = {"width": self.pixel.stem.out_channels, "subject_width": self.subject.features[0][0].out_channels}
+        widths = self.widths()
         meta = {k: str(v) for k, v in (widths | {"resolution": self.resolution, "format": FORMAT} | metadata).items()}
         with atomic_file(path) as tmp:
             save_file({k: v.detach().half().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)

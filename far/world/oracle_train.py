@@ -168,6 +168,8 @@ def _versions(rng: np.random.Generator, n: int, render_share: float | None) -> n
 def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50, init: Oracle | None = None) -> Oracle:
     """Train both stages, from scratch or on from `init` (an oracle of the same widths and resolution, whose
     nets are trained in place); returns the Oracle (eval mode)."""
+    if init is not None:
+        _check_init(cfg, init)  # before minutes of rendering
     images, masks, bgs, scenes = render_set(cfg.seed, cfg.scenes, cfg.resolution)
     rng0 = np.random.default_rng(cfg.seed)
     versions = np.stack([images, round_trip(vae, images),
@@ -177,7 +179,6 @@ def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50, init: Oracle 
     if init is None:
         pixel, subject = PixelNet(cfg.width), SubjectNet(cfg.subject_width)
     else:
-        _check_init(cfg, init)
         pixel, subject = init.pixel.train(), init.subject.train()
     params = list(pixel.parameters()) + list(subject.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
@@ -200,8 +201,7 @@ def train_oracle(cfg: OracleTrainConfig, vae, log_every: int = 50, init: Oracle 
 
 
 def _check_init(cfg: OracleTrainConfig, init: Oracle) -> None:
-    found = {"width": init.pixel.stem.out_channels, "subject_width": init.subject.features[0][0].out_channels,
-             "resolution": init.resolution}
+    found = init.widths() | {"resolution": init.resolution}
     wanted = {k: getattr(cfg, k) for k in found}
     if found != wanted:
         raise ValueError(f"oracle init {init.label}: its {found} differ from the training config's {wanted}")
